@@ -1,0 +1,235 @@
+"""The two request routines of AioEngine (a lane runs one at a time); see aio.py's docstring."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from contextlib import contextmanager
+
+import torch
+
+from infinity.config import ALIGNMENT_BYTES as A
+from infinity.config import format_size
+from infinity.errors import StorageIOError
+from infinity.io.fsinfo import mount_of
+
+
+def _down(x: int) -> int:
+    return x // A * A
+
+
+def _up(x: int) -> int:
+    return -(-x // A) * A
+
+
+def _open(engine, req, write: bool) -> int:
+    n = req.buf.numel()
+    flags = (os.O_RDWR | os.O_CREAT) if write else os.O_RDONLY
+    try:
+        fd = os.open(req.path, flags | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        parent = os.path.dirname(os.path.abspath(req.path))
+        detail = f"cannot open for {'writing' if write else 'reading'}: {exc.strerror}"
+        if exc.errno == errno.ENOENT and not os.path.isdir(parent):
+            detail += f" (directory {parent} does not exist; create it or fix the path)"
+        elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            detail += f" ({parent} is not {'writable' if write else 'readable'} by this user)"
+        raise StorageIOError(req.path, req.file_offset, n, exc.errno or 0, detail) from None
+    try:
+        engine._check_direct_io(fd, req)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _pread_exact(fd: int, req, start: int, nbytes: int) -> bytes:
+    data = os.pread(fd, nbytes, start)
+    if len(data) != nbytes:
+        raise StorageIOError(
+            req.path, start, nbytes, errno.EIO, f"short read: got {len(data)} of {nbytes} bytes"
+        )
+    return data
+
+
+class _Pipe:
+    """Double-buffered staging through a lane's two bounce halves, on CPU or one CUDA device."""
+
+    def __init__(self, lane, req):
+        self.lane, self.req = lane, req
+        self.gpu = req.buf.is_cuda
+        if self.gpu:
+            self.stream, self.events = lane.stream_for(req.buf.device)
+            self.stream.wait_event(req.ready)
+
+    def half(self, k: int, nbytes: int) -> torch.Tensor:
+        if self.gpu and self.events[k % 2] is not None:
+            self.events[k % 2].synchronize()  # the copy that last used this half is done
+        return self.lane.halves[k % 2][:nbytes]
+
+    @contextmanager
+    def copying(self, k: int):
+        if not self.gpu:
+            yield
+            return
+        with torch.cuda.stream(self.stream):
+            yield
+            event = self.events[k % 2] or torch.cuda.Event()
+            event.record(self.stream)
+            self.events[k % 2] = event
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, k: int, wait: bool = False) -> None:
+        with self.copying(k):
+            dst.copy_(src, non_blocking=self.gpu)
+        if wait and self.gpu:
+            self.events[k % 2].synchronize()
+
+    def finish(self) -> None:
+        if self.gpu:
+            self.stream.synchronize()
+
+
+def _chunks(lo: int, hi: int, size: int) -> list[tuple[int, int]]:
+    return [(c, min(c + size, hi)) for c in range(lo, hi, size)]
+
+
+# -- reads --------------------------------------------------------------------------------------
+def run_read(engine, lane, req) -> int:
+    n, off, path = req.buf.numel(), req.file_offset, req.path
+    fd = _open(engine, req, write=False)
+    try:
+        size = os.fstat(fd).st_size
+        end = off + n
+        if n and end > size:
+            raise StorageIOError(
+                path, off, n, errno.EINVAL,
+                f"read past end of file: the file has {size} bytes, the read asks for bytes "
+                f"[{off}, {end}), {end - size} beyond the end",
+            )
+        if n == 0:
+            return 0
+        direct_end = _down(size)  # O_DIRECT reaches whole blocks only
+        done = 0
+        if off % A == 0 and engine.is_direct_buffer(lane, req.buf):
+            done = max(0, min(_down(n), direct_end - off))
+            if done:
+                lane.submit(False, req.buf[:done], path, off)
+                lane.wait(path, off, done)
+        if done < n:
+            _bounce_read(lane, req, fd, off + done, end, direct_end)
+        return n
+    finally:
+        os.close(fd)
+
+
+def _bounce_read(lane, req, fd: int, s: int, e: int, direct_end: int) -> None:
+    base, path = req.file_offset, req.path
+    pipe = _Pipe(lane, req)
+    chunks = _chunks(_down(s), min(_up(e), direct_end), lane.chunk)
+
+    def issue(k: int) -> None:
+        c0, c1 = chunks[k]
+        lane.submit(False, pipe.half(k, c1 - c0), path, c0)
+
+    if chunks:
+        issue(0)
+    for k, (c0, c1) in enumerate(chunks):
+        lane.wait(path, c0, c1 - c0)
+        if k + 1 < len(chunks):
+            issue(k + 1)  # the disk reads chunk k+1 while chunk k is copied out
+        x0, x1 = max(c0, s), min(c1, e)
+        pipe.copy(req.buf[x0 - base : x1 - base], lane.halves[k % 2][x0 - c0 : x1 - c0], k)
+    tail = max(s, direct_end)
+    if e > tail:  # the file's last partial block: beyond O_DIRECT's reach
+        data = torch.frombuffer(bytearray(_pread_exact(fd, req, tail, e - tail)), dtype=torch.uint8)
+        pipe.copy(req.buf[tail - base : e - base], data, len(chunks), wait=True)
+    pipe.finish()
+
+
+# -- writes -------------------------------------------------------------------------------------
+def _reserve(fd: int, req, lo: int, hi: int) -> None:
+    """Allocate the blocks first: DeepSpeed's handle would drop an ENOSPC on the floor."""
+    try:
+        os.posix_fallocate(fd, lo, hi - lo)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+            return
+        directory = os.path.dirname(os.path.abspath(req.path))
+        detail = f"cannot reserve {hi - lo} bytes at offset {lo}: {exc.strerror}"
+        if exc.errno == errno.ENOSPC:
+            free = shutil.disk_usage(directory).free
+            point = mount_of(directory)[0]
+            detail = (
+                f"disk full: the write needs up to {format_size(hi - lo)} of new blocks at "
+                f"offset {lo}, {format_size(free)} free on {point}; free space or use another "
+                "directory"
+            )
+        raise StorageIOError(req.path, req.file_offset, req.buf.numel(), exc.errno, detail) from None
+
+
+def run_write(engine, lane, req) -> int:
+    n, off, path = req.buf.numel(), req.file_offset, req.path
+    fd = _open(engine, req, write=True)
+    try:
+        old = os.fstat(fd).st_size
+        if n == 0:
+            return 0
+        end = off + n
+        final = max(old, end)
+        ok = False
+        try:
+            _reserve(fd, req, _down(off), _up(end))
+            done = 0
+            if off % A == 0 and engine.is_direct_buffer(lane, req.buf):
+                done = _down(n)
+                if done:
+                    lane.submit(True, req.buf[:done], path, off)
+                    lane.wait(path, off, done)
+            if done < n:
+                _bounce_write(lane, req, fd, off + done, end, old)
+            ok = True
+        finally:
+            # O_DIRECT writes whole blocks and fallocate may round up: restore the exact length
+            # (or the old one when the write failed).
+            target = final if ok else old
+            if os.fstat(fd).st_size != target:
+                os.ftruncate(fd, target)
+        return n
+    finally:
+        os.close(fd)
+
+
+def _bounce_write(lane, req, fd: int, s: int, e: int, old: int) -> None:
+    base, path = req.file_offset, req.path
+    pipe = _Pipe(lane, req)
+    chunks = _chunks(_down(s), _up(e), lane.chunk)
+
+    def keep_old(half: torch.Tensor, c0: int, a: int, b: int) -> None:
+        """Bytes [a, b) of a block that the write does not cover keep the file's content."""
+        half[a - c0 : b - c0].zero_()
+        valid = min(b, old) - a
+        if valid > 0:
+            data = _pread_exact(fd, req, a, valid)
+            half[a - c0 : a - c0 + valid].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+
+    def stage(k: int) -> None:
+        c0, c1 = chunks[k]
+        half = pipe.half(k, c1 - c0)
+        if c0 < s:
+            keep_old(half, c0, c0, s)
+        if c1 > e:
+            keep_old(half, c0, e, c1)
+        x0, x1 = max(c0, s), min(c1, e)
+        pipe.copy(half[x0 - c0 : x1 - c0], req.buf[x0 - base : x1 - base], k, wait=True)
+
+    stage(0)
+    lane.submit(True, pipe.half(0, chunks[0][1] - chunks[0][0]), path, chunks[0][0])
+    for k, (c0, c1) in enumerate(chunks):
+        if k + 1 < len(chunks):
+            stage(k + 1)  # chunk k+1 is staged while the disk writes chunk k
+        lane.wait(path, c0, c1 - c0)
+        if k + 1 < len(chunks):
+            n0, n1 = chunks[k + 1]
+            lane.submit(True, lane.halves[(k + 1) % 2][: n1 - n0], path, n0)
+    pipe.finish()

@@ -1,0 +1,242 @@
+"""AioEngine: reads and writes of torch tensors at any offset through DeepSpeed's aio handle.
+
+Call order of one request (``pread``/``pwrite``; ``read``/``write`` just wait on the future):
+
+1. The caller's thread checks the arguments (contiguous tensor, offset >= 0, supported device)
+   and, for a CUDA tensor, records an event on the caller's current stream.
+2. One of ``AioConfig.lanes`` worker threads takes the request. Each lane owns its handles
+   (one with ``intra_op_parallelism`` threads, one with a single thread for the sub-granule
+   remainder) and two pinned bounce buffers of ``bounce_chunk_bytes``.
+3. The lane opens the file itself first, so that a missing path, a read-only directory, a
+   filesystem without O_DIRECT (tmpfs, overlayfs), a read past the end or a full disk
+   (``posix_fallocate`` reserves the blocks before any write) is an ``StorageIOError`` with errno
+   and numbers, never one of DeepSpeed's silent failures (its handle ignores per-block results).
+4. Plan: the aligned prefix of a direct-I/O capable CPU buffer (pinned or DeepSpeed-locked,
+   4 KiB-aligned address and offset) goes straight to the handle. Everything else (CUDA tensors,
+   pageable memory, unaligned heads and tails) streams through the bounce buffers, double-buffered
+   so that the disk works on chunk k+1 while chunk k is copied (on the lane's CUDA stream for
+   GPU tensors). Unaligned writes read-modify-write their edge blocks; the final partial block of
+   a file, which O_DIRECT cannot reach, uses an ordinary pread/pwrite of at most 4095 bytes.
+5. Every count DeepSpeed returns is checked; the future resolves to the number of bytes moved.
+
+Concurrent requests must not write the same 4 KiB block or extend the same file at once; the
+store serialises such writes by construction (aligned, preallocated extents).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from infinity.config import ALIGNMENT_BYTES as A
+from infinity.config import AioConfig
+from infinity.errors import ConfigError, StorageIOError
+from infinity.io._deepspeed import load_aio
+from infinity.io.fsinfo import MEMORY_FS, mount_of
+from infinity.io.pinned import PinnedPool
+
+log = logging.getLogger(__name__)
+
+
+def byte_view(tensor: torch.Tensor) -> torch.Tensor:
+    """A flat ``uint8`` view of a contiguous tensor's storage (any dtype, 0-d included)."""
+    if not tensor.is_contiguous():
+        raise ConfigError(
+            f"tensor of shape {tuple(tensor.shape)} and strides {tensor.stride()} is not "
+            "contiguous; pass tensor.contiguous() (reads need a contiguous destination)"
+        )
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+@dataclass
+class _Request:
+    write: bool
+    buf: torch.Tensor  # flat uint8
+    path: str
+    file_offset: int
+    ready: object | None  # torch.cuda.Event recorded on the caller's stream
+
+
+class _Lane:
+    """One worker's handles, bounce buffers and CUDA stream."""
+
+    def __init__(self, engine: AioEngine):
+        cfg = engine.config
+        aio = load_aio()
+        args = (cfg.block_size_bytes, cfg.queue_depth, cfg.single_submit, cfg.overlap_events)
+        self.main = aio.aio_handle(*args, cfg.intra_op_parallelism)
+        self.single = aio.aio_handle(*args, 1) if cfg.intra_op_parallelism > 1 else self.main
+        self.unit = cfg.chunk_unit_bytes
+        self.chunk = cfg.bounce_chunk_bytes
+        self.halves = [engine._pool.alloc(self.chunk), engine._pool.alloc(self.chunk)]
+        self.pending: dict[object, int] = {}
+        self.streams: dict[int, tuple[torch.cuda.Stream, list]] = {}
+
+    # -- DeepSpeed ops ----------------------------------------------------------------------
+    def submit(self, write: bool, buf: torch.Tensor, path: str, file_offset: int) -> None:
+        """Queue an aligned transfer (``buf.numel()`` a multiple of 4 KiB) on the handles."""
+        n = buf.numel()
+        main_n = n // self.unit * self.unit
+        parts = [(self.main, 0, main_n), (self.single, main_n, n)]
+        for handle, start, end in parts:
+            if end == start:
+                continue
+            piece = buf[start:end]
+            op = handle.async_pwrite if write else handle.async_pread
+            rc = op(piece, path, file_offset + start)
+            if rc != 0:
+                raise StorageIOError(
+                    path, file_offset + start, end - start, errno.EIO,
+                    f"DeepSpeed aio refused the {'write' if write else 'read'} (returned {rc})",
+                )
+            self.pending[handle] = self.pending.get(handle, 0) + 1
+
+    def wait(self, path: str, file_offset: int, nbytes: int) -> None:
+        pending, self.pending = self.pending, {}
+        for handle, count in pending.items():
+            done = handle.wait()
+            if done != count:
+                raise StorageIOError(
+                    path, file_offset, nbytes, errno.EIO,
+                    f"DeepSpeed aio completed {done} of {count} submitted ops",
+                )
+
+    def drain(self) -> None:
+        """After an error: wait for what is in flight so no buffer is reused under the disk."""
+        pending, self.pending = self.pending, {}
+        for handle in pending:
+            handle.wait()
+
+    # -- CUDA -------------------------------------------------------------------------------
+    def stream_for(self, device: torch.device):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self.streams:
+            with torch.cuda.device(index):
+                self.streams[index] = (torch.cuda.Stream(), [None, None])
+        return self.streams[index]
+
+
+class AioEngine:
+    """Async tensor I/O on files through DeepSpeed's aio handle; see the module docstring."""
+
+    def __init__(self, config: AioConfig | None = None, pool: PinnedPool | None = None):
+        self.config = config or AioConfig()
+        load_aio()  # fail here, with the fix, rather than inside a worker
+        if self.config.use_gds:
+            log.warning("AioConfig.use_gds: the GDS path is not implemented yet; using libaio")
+        need = 2 * self.config.lanes * self.config.bounce_chunk_bytes
+        self._own_pool = pool is None
+        self._pool = pool if pool is not None else PinnedPool(need)
+        self._local = threading.local()
+        self._lanes: list[_Lane] = []
+        self._lanes_lock = threading.Lock()
+        self._direct_ok: set[int] = set()  # st_dev values known to accept O_DIRECT
+        self._executor = ThreadPoolExecutor(self.config.lanes, thread_name_prefix="infinity-aio")
+        self._closed = False
+
+    # -- public API ---------------------------------------------------------------------------
+    def pread(self, tensor: torch.Tensor, path: str | os.PathLike, file_offset: int = 0) -> Future:
+        """Fill ``tensor`` with ``tensor.nbytes`` bytes of ``path`` from ``file_offset``."""
+        return self._enqueue(False, tensor, path, file_offset)
+
+    def pwrite(self, tensor: torch.Tensor, path: str | os.PathLike, file_offset: int = 0) -> Future:
+        """Write ``tensor``'s bytes to ``path`` at ``file_offset`` (the file is created if needed)."""
+        return self._enqueue(True, tensor, path, file_offset)
+
+    def read(self, tensor: torch.Tensor, path: str | os.PathLike, file_offset: int = 0) -> int:
+        return self.pread(tensor, path, file_offset).result()
+
+    def write(self, tensor: torch.Tensor, path: str | os.PathLike, file_offset: int = 0) -> int:
+        return self.pwrite(tensor, path, file_offset).result()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._executor.shutdown(wait=True)
+        for lane in self._lanes:
+            for half in lane.halves:
+                self._pool.free(half)
+        self._lanes.clear()
+        if self._own_pool:
+            self._pool.close()
+
+    def __enter__(self) -> AioEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- request set-up -----------------------------------------------------------------------
+    def _enqueue(self, write: bool, tensor: torch.Tensor, path, file_offset: int) -> Future:
+        if self._closed:
+            raise ConfigError("AioEngine is closed")
+        if not isinstance(tensor, torch.Tensor):
+            raise ConfigError(f"expected a torch.Tensor, got {type(tensor).__name__}")
+        if isinstance(file_offset, bool) or not isinstance(file_offset, int) or file_offset < 0:
+            raise ConfigError(f"file_offset must be a non-negative int, got {file_offset!r}")
+        if tensor.device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"tensors on {tensor.device} are not supported (cpu or cuda only)")
+        if write and not tensor.is_contiguous():
+            tensor = tensor.contiguous()
+        buf = byte_view(tensor)
+        ready = None
+        if buf.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(buf.device))
+        request = _Request(write, buf, os.fspath(path), file_offset, ready)
+        return self._executor.submit(self._run, request)
+
+    def _lane(self) -> _Lane:
+        lane = getattr(self._local, "lane", None)
+        if lane is None:
+            lane = self._local.lane = _Lane(self)
+            with self._lanes_lock:
+                self._lanes.append(lane)
+        return lane
+
+    def _run(self, req: _Request) -> int:
+        from infinity.io._transfer import run_read, run_write
+
+        lane = self._lane()
+        try:
+            return (run_write if req.write else run_read)(self, lane, req)
+        except BaseException:
+            lane.drain()
+            raise
+
+    def _check_direct_io(self, fd: int, req: _Request) -> None:
+        dev = os.fstat(fd).st_dev
+        if dev in self._direct_ok:
+            return
+        point, fstype, _ = mount_of(os.path.dirname(os.path.abspath(req.path)))
+        if fstype in MEMORY_FS and os.environ.get("INFINITY_ALLOW_TMPFS") != "1":
+            raise StorageIOError(
+                req.path, req.file_offset, req.buf.numel(), errno.EINVAL,
+                f"{point} is {fstype}: memory, not a disk (kernels before 6.6 also refuse "
+                "O_DIRECT there); files there cost RAM twice and are gone after a reboot. Use a "
+                "directory on an NVMe drive (ext4 or xfs), or set INFINITY_ALLOW_TMPFS=1 for tests",
+            )
+        flags = os.O_WRONLY if req.write else os.O_RDONLY
+        try:
+            os.close(os.open(req.path, flags | os.O_DIRECT))
+        except OSError as exc:
+            raise StorageIOError(
+                req.path, req.file_offset, req.buf.numel(), exc.errno or errno.EINVAL,
+                f"O_DIRECT is not supported on {fstype} at {point} ({exc.strerror}); "
+                "put the files on a real filesystem such as ext4 or xfs (not tmpfs or overlayfs)",
+            ) from None
+        self._direct_ok.add(dev)
+
+    def is_direct_buffer(self, lane: _Lane, buf: torch.Tensor) -> bool:
+        """Whether DeepSpeed can DMA into ``buf`` without its own bounce copy."""
+        if buf.is_cuda or buf.data_ptr() % A:
+            return False
+        is_pinned = getattr(lane.main, "is_pinned", None)
+        return bool(is_pinned(buf)) if is_pinned is not None else buf.is_pinned()

@@ -1,0 +1,140 @@
+"""PinnedPool: one page-locked host region carved into aligned tensor views by the C++ Arena.
+
+Pinning is slow and per-buffer pinning fragments host memory (a known cause of host OOM with
+DeepSpeed's swapper), so the pool pins once and hands out views.
+
+Memory kinds (``kind=``):
+- ``"cuda"``: torch pinned memory (cudaHostAlloc); fast host<->GPU copies. Default with CUDA.
+- ``"locked"``: DeepSpeed's page-locked allocator (``new_cpu_locked_tensor``: aligned + mlock),
+  which its aio handle recognises as direct-I/O capable. Default without CUDA.
+- ``"aligned"``: plain aligned memory, no locking (DeepSpeed then bounces every transfer).
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import threading
+
+import torch
+
+from infinity._core import Arena
+from infinity.config import ALIGNMENT_BYTES, format_size
+from infinity.errors import CapacityError, ConfigError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("auto", "cuda", "locked", "aligned")
+
+
+def memlock_limit_bytes() -> int | None:
+    """Soft RLIMIT_MEMLOCK (``ulimit -l``) in bytes; None when unlimited."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+class PinnedPool:
+    """A pinned host buffer of ``capacity_bytes`` handing out aligned ``uint8`` views."""
+
+    def __init__(self, capacity_bytes: int, alignment: int = ALIGNMENT_BYTES, kind: str = "auto"):
+        if kind not in KINDS:
+            raise ConfigError(f"PinnedPool kind must be one of {KINDS}, got {kind!r}")
+        if capacity_bytes < 0:
+            raise ConfigError(f"PinnedPool capacity_bytes must be >= 0, got {capacity_bytes}")
+        capacity_bytes = -(-capacity_bytes // alignment) * alignment
+        if kind == "auto":
+            kind = "cuda" if torch.cuda.is_available() else "locked"
+        self.kind = kind
+        self.alignment = alignment
+        self._arena = Arena(capacity_bytes, alignment)
+        self._lock = threading.Lock()
+        self._live: dict[int, int] = {}  # data_ptr -> arena offset
+        self._buffer = self._allocate(capacity_bytes)
+        self._base_ptr = self._buffer.data_ptr()
+        if self._base_ptr % alignment:
+            raise RuntimeError(
+                f"pinned buffer at {self._base_ptr:#x} is not {alignment}-byte aligned "
+                f"(kind {kind}); report this with your torch version {torch.__version__}"
+            )
+
+    def _allocate(self, nbytes: int) -> torch.Tensor:
+        if nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        if self.kind == "cuda":
+            try:
+                return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            except RuntimeError as exc:
+                raise CapacityError(
+                    f"cannot pin {format_size(nbytes)} of host memory: {exc}; lower the pool size"
+                ) from exc
+        if self.kind == "locked":
+            limit = memlock_limit_bytes()
+            if limit is not None and limit < nbytes and not _can_lock_unlimited():
+                log.warning(
+                    "memlock limit (ulimit -l) is %s, below the %s pool: using unlocked aligned "
+                    "memory (DeepSpeed will bounce each transfer); raise `ulimit -l` to lock it",
+                    format_size(limit), format_size(nbytes),
+                )
+                self.kind = "aligned"
+            else:
+                from infinity.io._deepspeed import load_aio
+
+                handle = load_aio().aio_handle(1024 * 1024, 1, False, False, 1)
+                self._locker = handle  # keeps the manager's owner alive with the pool
+                return handle.new_cpu_locked_tensor(nbytes, torch.empty(0, dtype=torch.uint8))
+        raw = torch.empty(nbytes + self.alignment, dtype=torch.uint8)
+        shift = (-raw.data_ptr()) % self.alignment
+        return raw[shift : shift + nbytes]
+
+    # -- allocation -------------------------------------------------------------------------
+    def alloc(self, nbytes: int) -> torch.Tensor:
+        """An aligned ``uint8`` view of ``nbytes``; raises CapacityError with the numbers."""
+        try:
+            offset = self._arena.alloc(nbytes)
+        except CapacityError as exc:
+            raise CapacityError(f"pinned pool ({self.kind}): {exc}") from None
+        view = self._buffer[offset : offset + nbytes]
+        with self._lock:
+            self._live[view.data_ptr()] = offset
+        return view
+
+    def free(self, view: torch.Tensor) -> None:
+        with self._lock:
+            offset = self._live.pop(view.data_ptr(), None)
+        if offset is None:
+            raise ConfigError(
+                f"PinnedPool.free: tensor at {view.data_ptr():#x} was not allocated by this pool"
+            )
+        self._arena.free(offset)
+
+    def stats(self):
+        return self._arena.stats()
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._arena.capacity_bytes
+
+    def close(self) -> None:
+        """Release the region. Views still allocated keep it alive (leaked, with a warning)."""
+        with self._lock:
+            live = len(self._live)
+        if live:
+            log.warning("PinnedPool.close: %d views still allocated; not freeing the region", live)
+            return
+        if getattr(self, "_locker", None) is not None and self._buffer.numel():
+            self._locker.free_cpu_locked_tensor(self._buffer)
+        self._locker = None
+        self._buffer = torch.empty(0, dtype=torch.uint8)
+
+    def __enter__(self) -> PinnedPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _can_lock_unlimited() -> bool:
+    # root (CAP_IPC_LOCK) may lock beyond RLIMIT_MEMLOCK
+    import os
+
+    return os.geteuid() == 0
