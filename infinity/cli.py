@@ -1,0 +1,136 @@
+"""The `infinity` command: parse, call the library, print. Nothing else lives here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from infinity.config import format_size, parse_size
+from infinity.errors import InfinityError
+
+
+def _size(ctx, param, value):
+    try:
+        return parse_size(value)
+    except InfinityError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors.")
+def main(verbose: int, quiet: bool) -> None:
+    """infinity: tiered tensor storage (GPU / pinned CPU / NVMe) on DeepSpeed's async I/O."""
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.option("--dir", "directory", type=click.Path(exists=True, file_okay=False),
+              help="Directory you plan to offload to (filesystem, O_DIRECT, device queue).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def info(directory: str | None, as_json: bool) -> None:
+    """What this machine offers for offloading: GPUs and PCIe, versions, aio/GDS, disk, RAM."""
+    from infinity.info import collect
+
+    data = collect(directory)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"torch {data['torch']} (CUDA {data['torch_cuda']}), DeepSpeed {data['deepspeed']}, "
+               f"Python {data['python']}")
+    for gpu in data["gpus"] or [None]:
+        if gpu is None:
+            click.echo("GPU: none visible to torch")
+            continue
+        link = gpu.get("pcie", {})
+        click.echo(f"GPU {gpu['index']}: {gpu['name']}, {format_size(gpu['memory_bytes'])}, "
+                   f"sm {gpu['capability']}, PCIe {link.get('current_link_speed')} "
+                   f"x{link.get('current_link_width')} (max {link.get('max_link_speed')} "
+                   f"x{link.get('max_link_width')})")
+    aio = data["aio"]
+    click.echo("DeepSpeed aio op: " + ("loads" if aio["loads"] else f"UNAVAILABLE: {aio['error']}"))
+    click.echo("DeepSpeed GDS op: " + ("loads" if data["gds"]["loads"] else "unavailable"))
+    host = data["host"]
+    memlock = host["memlock_limit_bytes"]
+    click.echo(f"RAM: {format_size(host['ram_total_bytes'])} total, "
+               f"{format_size(host['ram_available_bytes'])} available; memlock limit "
+               f"{'unlimited' if memlock is None else format_size(memlock)}; pinned headroom "
+               f"{format_size(host['pinned_headroom_bytes'])} (cudaHostAlloc), "
+               f"{format_size(host['locked_headroom_bytes'])} (mlock)")
+    if "dir" in data:
+        d = data["dir"]
+        direct = "yes" if d["direct_io"] else f"NO ({d['direct_io_error']})"
+        click.echo(f"{d['path']}: {d['fs_type']} on {d['device']} (mounted at {d['mount_point']}), "
+                   f"{format_size(d['free_bytes'])} free of {format_size(d['total_bytes'])}, "
+                   f"O_DIRECT {direct}")
+        if d["memory_backed"]:
+            click.echo(f"  WARNING: {d['fs_type']} is memory, not a disk: offloading there costs RAM")
+        if d["block_device"]:
+            q = " ".join(f"{k}={v}" for k, v in d["queue"].items())
+            click.echo(f"  block device {d['block_device']}: {q}")
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks."""
+
+
+@bench.command("io")
+@click.option("--dir", "directory", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Directory on the drive to measure (a temporary file is written there).")
+@click.option("--size", "size_bytes", default="4GiB", callback=_size, show_default=True,
+              help="Bytes per transfer.")
+@click.option("--gpu", is_flag=True, help="Also read into GPU memory.")
+@click.option("--quick", is_flag=True, help="A small sweep (2 configurations).")
+@click.option("--full", is_flag=True, help="A large sweep (120 configurations).")
+@click.option("--repeats", default=1, show_default=True, help="Timed repeats per point (median).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write results here.")
+def bench_io(directory, size_bytes, gpu, quick, full, repeats, json_path) -> None:
+    """Sweep block size x queue depth x threads x submit mode; reads and writes, cold."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from infinity import iobench
+
+    if quick and full:
+        raise click.UsageError("--quick and --full exclude each other")
+    console = Console(stderr=True)
+    grid = "quick" if quick else "full" if full else "default"
+    with console.status("measuring...") as status:
+        data = iobench.run(directory, size_bytes, gpu=gpu, grid=grid, repeats=repeats,
+                           progress=lambda msg: (console.print(msg, highlight=False),
+                                                 status.update(msg)))
+    table = Table(title=f"infinity bench io: {format_size(data['size_bytes'])}, cold, O_DIRECT")
+    for col in ("op", "into", "system", "settings", "GB/s", "x best read"):
+        table.add_column(col, justify="right" if col in ("GB/s", "x best read") else "left")
+    for r in data["results"]:
+        table.add_row(r["op"], r["target"], r["system"], iobench._short(r["config"]),
+                      f"{r['gbps']:.2f}", f"{r['ratio_to_best_read']:.2f}")
+    Console().print(table)
+    click.echo("Best read settings as DeepSpeed's aio config section:")
+    click.echo(json.dumps({"aio": data["deepspeed_aio_section"]}, indent=2))
+    if "gpu_over_pinned" in data:
+        click.echo(f"GPU reads reach {data['gpu_over_pinned']:.1%} of reads into pinned memory")
+    if json_path:
+        from infinity.info import collect
+
+        data["machine"] = collect(directory, check_aio=False)
+        with open(json_path, "w") as f:
+            json.dump(data, f, indent=2)
+        click.echo(f"wrote {json_path}")
+
+
+def run() -> None:
+    try:
+        main(standalone_mode=True)
+    except InfinityError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()

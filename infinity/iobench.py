@@ -1,0 +1,243 @@
+"""`infinity bench io`: what the disk, PCIe and aio settings can do, with references measured in
+the same run (DeepSpeed's default handle, DeepSpeed's own GPU path, a plain buffered read, dd).
+
+Cold reads: each read is preceded by a page-cache drop (``/proc/sys/vm/drop_caches`` when root,
+``posix_fadvise(DONTNEED)`` on the file always); the aio paths use O_DIRECT regardless. Writes are
+O_DIRECT into preallocated blocks, timed without fsync (as DeepSpeed's ds_io does).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from infinity.config import AioConfig, format_size
+from infinity.errors import ConfigError
+from infinity.io import AioEngine, PinnedPool
+from infinity.io._deepspeed import load_aio
+from infinity.io.fsinfo import MEMORY_FS, fs_info
+
+GRIDS = {  # block sizes, queue depths, intra-op parallelism, single_submit
+    "quick": ([1 << 20, 8 << 20], [32], [8], [False]),
+    "default": ([1 << 20, 8 << 20], [32, 128], [4, 8], [False, True]),
+    "full": ([256 << 10, 1 << 20, 4 << 20, 8 << 20, 16 << 20], [8, 32, 128], [1, 2, 4, 8],
+             [False, True]),
+}
+DEEPSPEED_DEFAULT = dict(block_size_bytes=1 << 20, queue_depth=128, intra_op_parallelism=1,
+                         single_submit=False, overlap_events=False)
+
+
+@dataclass
+class Result:
+    op: str  # read | write
+    target: str  # pinned | gpu | pageable
+    system: str  # infinity | deepspeed-default | deepspeed-gpu | buffered-read | dd-direct
+    config: dict[str, Any]
+    nbytes: int
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def gbps(self) -> float:
+        return self.nbytes / self.median_s / 1e9
+
+    def to_dict(self, best_read_gbps: float) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(median_s=self.median_s, gbps=self.gbps, ratio_to_best_read=self.gbps / best_read_gbps)
+        return out
+
+
+def drop_page_cache(path: str) -> bool:
+    """Evict ``path`` from the page cache; True when the global drop also worked (root)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _buffered_read(path: str, nbytes: int) -> None:
+    buf = bytearray(16 << 20)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        left = nbytes
+        while left > 0:
+            got = f.readinto(view[: min(len(buf), left)])
+            if not got:
+                raise OSError(f"buffered read of {path} ended {left} bytes early")
+            left -= got
+
+
+def _dd_direct(path: str, nbytes: int) -> None:
+    count = nbytes // (16 << 20)
+    subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=16M", f"count={count}", "iflag=direct"],
+                   check=True, capture_output=True)
+
+
+def run(directory: str, size_bytes: int, gpu: bool = False, grid: str = "default",
+        repeats: int = 1, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the sweep and the references; returns a JSON-ready dict."""
+    fs = fs_info(directory)
+    if fs.fs_type in MEMORY_FS or not fs.direct_io:
+        raise ConfigError(
+            f"{directory} is on {fs.fs_type} ({fs.direct_io_error or 'memory, not a disk'}); "
+            "benchmark a directory on the drive you will offload to"
+        )
+    if gpu and not torch.cuda.is_available():
+        raise ConfigError("--gpu asked, but torch sees no CUDA device")
+    blocks, depths, pars, submits = GRIDS[grid]
+    unit = 4096 * max(pars) * 16
+    size = max(unit, size_bytes // unit * unit)
+    if fs.free_bytes < size + (256 << 20):
+        raise ConfigError(
+            f"benchmark file needs {format_size(size)}; {format_size(fs.free_bytes)} free in "
+            f"{directory}: lower --size"
+        )
+    note = progress or (lambda _msg: None)
+    path = os.path.join(directory, f"infinity-bench-{os.getpid()}.bin")
+    results: list[Result] = []
+    cache_drop_global = False
+    configs = [
+        AioConfig(block_size_bytes=b, queue_depth=q, intra_op_parallelism=p, single_submit=s,
+                  overlap_events=True, lanes=1)
+        for b, q, p, s in itertools.product(blocks, depths, pars, submits)
+    ]
+    pool = PinnedPool(size)
+    buf = pool.alloc(size)
+    gpu_buf = torch.empty(size, dtype=torch.uint8, device="cuda") if gpu else None
+    try:
+        gen = torch.Generator().manual_seed(0)
+        for start in range(0, size, 64 << 20):
+            chunk = buf[start : start + (64 << 20)]
+            chunk.copy_(torch.randint(0, 256, (chunk.numel(),), dtype=torch.uint8, generator=gen))
+        reference_sum = buf.view(torch.int64).sum().item()
+
+        def measure(op, target, system, cfg, fn, verify=None):
+            res = Result(op, target, system, cfg, size)
+            for _ in range(repeats):
+                if op == "read":
+                    nonlocal cache_drop_global
+                    cache_drop_global = drop_page_cache(path) or cache_drop_global
+                res.seconds.append(_timed(fn))
+                if verify is not None:
+                    verify()
+            results.append(res)
+            note(f"{op:5} {target:8} {system:18} {_short(cfg):34} {res.gbps:6.2f} GB/s")
+            return res
+
+        def check_pinned():
+            if buf.view(torch.int64).sum().item() != reference_sum:
+                raise RuntimeError("benchmark read returned wrong bytes")
+            buf.zero_()
+
+        def check_gpu():
+            if gpu_buf.view(torch.int64).sum().item() != reference_sum:
+                raise RuntimeError("benchmark GPU read returned wrong bytes")
+            gpu_buf.zero_()
+
+        source = buf.clone()  # pageable copy, to restore the pinned buffer between reads
+        for cfg in configs:
+            with AioEngine(cfg) as eng:
+                measure("write", "pinned", "infinity", cfg.deepspeed_section(),
+                        lambda: eng.write(buf, path, 0))
+                measure("read", "pinned", "infinity", cfg.deepspeed_section(),
+                        lambda: eng.read(buf, path, 0), check_pinned)
+                if gpu:
+                    measure("read", "gpu", "infinity", cfg.deepspeed_section(),
+                            lambda: eng.read(gpu_buf, path, 0), check_gpu)
+            buf.copy_(source)
+
+        aio = load_aio()
+        ds_cfg = AioConfig(**DEEPSPEED_DEFAULT)
+        handle = aio.aio_handle(1 << 20, 128, False, False, 1)
+        measure("read", "pinned", "deepspeed-default", ds_cfg.deepspeed_section(),
+                lambda: _check_rc(handle.sync_pread(buf, path, 0)), check_pinned)
+        if gpu:
+            measure("read", "gpu", "deepspeed-default", ds_cfg.deepspeed_section(),
+                    lambda: _check_rc(handle.sync_pread(gpu_buf, path, 0)), check_gpu)
+        best = max((r for r in results if r.op == "read" and r.target == "pinned"),
+                   key=lambda r: r.gbps)
+        if gpu:  # DeepSpeed's own GPU path (its internal bounce), with the best settings
+            b = best.config
+            ds_best = aio.aio_handle(b["block_size"], b["queue_depth"], b["single_submit"],
+                                     b["overlap_events"], b["intra_op_parallelism"])
+            measure("read", "gpu", "deepspeed-gpu", b,
+                    lambda: _check_rc(ds_best.sync_pread(gpu_buf, path, 0)), check_gpu)
+        measure("read", "pageable", "buffered-read", {"chunk_bytes": 16 << 20},
+                lambda: _buffered_read(path, size))
+        if shutil.which("dd"):
+            measure("read", "pageable", "dd-direct", {"bs": "16M", "iflag": "direct"},
+                    lambda: _dd_direct(path, size))
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+        pool.free(buf)
+        pool.close()
+
+    raw_reads = [r for r in results if r.op == "read" and r.target == "pinned"]
+    best_read = max(raw_reads, key=lambda r: r.gbps)
+    writes = [r for r in results if r.op == "write"]
+    best_write = max(writes, key=lambda r: r.gbps)
+    best_any = max((r for r in results if r.op == "read" and r.target != "gpu"),
+                   key=lambda r: r.gbps)
+    summary: dict[str, Any] = {
+        "size_bytes": size, "grid": grid, "repeats": repeats, "directory": fs.to_dict(),
+        "cold": {"o_direct": True, "drop_caches": cache_drop_global, "fadvise_dontneed": True},
+        "results": [r.to_dict(best_read.gbps) for r in results],
+        "best_read": best_read.to_dict(best_read.gbps),
+        "best_write": best_write.to_dict(best_read.gbps),
+        "best_read_any_tool": best_any.to_dict(best_read.gbps),
+        "best_read_over_best_any_tool": best_read.gbps / best_any.gbps,
+        "deepspeed_aio_section": best_read.config,
+    }
+    if gpu:
+        ours = [r for r in results if r.target == "gpu" and r.system == "infinity"]
+        best_gpu = max(ours, key=lambda r: r.gbps)
+        summary["best_gpu_read"] = best_gpu.to_dict(best_read.gbps)
+        summary["gpu_over_pinned"] = best_gpu.gbps / best_read.gbps
+    return summary
+
+
+def _check_rc(rc: int) -> None:
+    if rc < 0:
+        raise RuntimeError(f"DeepSpeed aio returned {rc}")
+
+
+def _compact(nbytes: int) -> str:
+    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if nbytes >= scale and nbytes % scale == 0:
+            return f"{nbytes // scale}{unit}"
+    return str(nbytes)
+
+
+def _short(cfg: dict[str, Any]) -> str:
+    if "block_size" in cfg:
+        return (f"bs={_compact(cfg['block_size'])} qd={cfg['queue_depth']} "
+                f"p={cfg['intra_op_parallelism']} ss={int(cfg['single_submit'])}")
+    return " ".join(f"{k}={_compact(v) if isinstance(v, int) else v}" for k, v in cfg.items())
