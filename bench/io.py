@@ -22,9 +22,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def git_sha() -> str | None:
+    """HEAD of the checkout, or INFINITY_GIT_SHA where the tree was copied without .git."""
+    if os.environ.get("INFINITY_GIT_SHA"):
+        return os.environ["INFINITY_GIT_SHA"]
     try:
-        return subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -39,9 +43,14 @@ def main() -> None:
     ap.add_argument("--json", help="output path (default bench/results/io-<gpu>-<date>.json)")
     args = ap.parse_args()
     gpu = torch.cuda.is_available()
-    data = iobench.run(args.dir, parse_size(args.size), gpu=gpu,
-                       grid="quick" if args.quick else args.grid, repeats=args.repeats,
-                       progress=lambda msg: print(msg, flush=True))
+    data = iobench.run(
+        args.dir,
+        parse_size(args.size),
+        gpu=gpu,
+        grid="quick" if args.quick else args.grid,
+        repeats=args.repeats,
+        progress=lambda msg: print(msg, flush=True),
+    )
     data["machine"] = collect(args.dir, check_aio=False)
     data["git_sha"] = git_sha()
     data["command"] = " ".join([os.path.basename(sys.executable), *sys.argv])
@@ -55,9 +64,11 @@ def main() -> None:
     print(f"best read {best['gbps']:.2f} GB/s with {iobench._short(best['config'])}")
     if gpu:
         ds = [r for r in data["results"] if r["system"] == "deepspeed-gpu"]
-        print(f"GPU read (ours) {data['best_gpu_read']['gbps']:.2f} GB/s = "
-              f"{data['gpu_over_pinned']:.1%} of pinned; DeepSpeed's GPU path "
-              f"{ds[0]['gbps']:.2f} GB/s = {ds[0]['ratio_to_best_read']:.1%}")
+        print(
+            f"GPU read (ours) {data['best_gpu_read']['gbps']:.2f} GB/s = "
+            f"{data['gpu_over_pinned']:.1%} of pinned; DeepSpeed's GPU path "
+            f"{ds[0]['gbps']:.2f} GB/s = {ds[0]['ratio_to_best_read']:.1%}"
+        )
     print(f"wrote {out}")
 
 

@@ -24,13 +24,19 @@ def _size(ctx, param, value):
 @click.option("-q", "--quiet", is_flag=True, help="Only errors.")
 def main(verbose: int, quiet: bool) -> None:
     """infinity: tiered tensor storage (GPU / pinned CPU / NVMe) on DeepSpeed's async I/O."""
-    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    level = (
+        logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    )
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
 @main.command()
-@click.option("--dir", "directory", type=click.Path(exists=True, file_okay=False),
-              help="Directory you plan to offload to (filesystem, O_DIRECT, device queue).")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(exists=True, file_okay=False),
+    help="Directory you plan to offload to (filesystem, O_DIRECT, device queue).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def info(directory: str | None, as_json: bool) -> None:
     """What this machine offers for offloading: GPUs and PCIe, versions, aio/GDS, disk, RAM."""
@@ -40,35 +46,45 @@ def info(directory: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    click.echo(f"torch {data['torch']} (CUDA {data['torch_cuda']}), DeepSpeed {data['deepspeed']}, "
-               f"Python {data['python']}")
+    click.echo(
+        f"torch {data['torch']} (CUDA {data['torch_cuda']}), DeepSpeed {data['deepspeed']}, "
+        f"Python {data['python']}"
+    )
     for gpu in data["gpus"] or [None]:
         if gpu is None:
             click.echo("GPU: none visible to torch")
             continue
         link = gpu.get("pcie", {})
-        click.echo(f"GPU {gpu['index']}: {gpu['name']}, {format_size(gpu['memory_bytes'])}, "
-                   f"sm {gpu['capability']}, PCIe {link.get('current_link_speed')} "
-                   f"x{link.get('current_link_width')} (max {link.get('max_link_speed')} "
-                   f"x{link.get('max_link_width')})")
+        click.echo(
+            f"GPU {gpu['index']}: {gpu['name']}, {format_size(gpu['memory_bytes'])}, "
+            f"sm {gpu['capability']}, PCIe {link.get('current_link_speed')} "
+            f"x{link.get('current_link_width')} (max {link.get('max_link_speed')} "
+            f"x{link.get('max_link_width')})"
+        )
     aio = data["aio"]
     click.echo("DeepSpeed aio op: " + ("loads" if aio["loads"] else f"UNAVAILABLE: {aio['error']}"))
     click.echo("DeepSpeed GDS op: " + ("loads" if data["gds"]["loads"] else "unavailable"))
     host = data["host"]
     memlock = host["memlock_limit_bytes"]
-    click.echo(f"RAM: {format_size(host['ram_total_bytes'])} total, "
-               f"{format_size(host['ram_available_bytes'])} available; memlock limit "
-               f"{'unlimited' if memlock is None else format_size(memlock)}; pinned headroom "
-               f"{format_size(host['pinned_headroom_bytes'])} (cudaHostAlloc), "
-               f"{format_size(host['locked_headroom_bytes'])} (mlock)")
+    click.echo(
+        f"RAM: {format_size(host['ram_total_bytes'])} total, "
+        f"{format_size(host['ram_available_bytes'])} available; memlock limit "
+        f"{'unlimited' if memlock is None else format_size(memlock)}; pinned headroom "
+        f"{format_size(host['pinned_headroom_bytes'])} (cudaHostAlloc), "
+        f"{format_size(host['locked_headroom_bytes'])} (mlock)"
+    )
     if "dir" in data:
         d = data["dir"]
         direct = "yes" if d["direct_io"] else f"NO ({d['direct_io_error']})"
-        click.echo(f"{d['path']}: {d['fs_type']} on {d['device']} (mounted at {d['mount_point']}), "
-                   f"{format_size(d['free_bytes'])} free of {format_size(d['total_bytes'])}, "
-                   f"O_DIRECT {direct}")
+        click.echo(
+            f"{d['path']}: {d['fs_type']} on {d['device']} (mounted at {d['mount_point']}), "
+            f"{format_size(d['free_bytes'])} free of {format_size(d['total_bytes'])}, "
+            f"O_DIRECT {direct}"
+        )
         if d["memory_backed"]:
-            click.echo(f"  WARNING: {d['fs_type']} is memory, not a disk: offloading there costs RAM")
+            click.echo(
+                f"  WARNING: {d['fs_type']} is memory, not a disk: offloading there costs RAM"
+            )
         if d["block_device"]:
             q = " ".join(f"{k}={v}" for k, v in d["queue"].items())
             click.echo(f"  block device {d['block_device']}: {q}")
@@ -80,10 +96,21 @@ def bench() -> None:
 
 
 @bench.command("io")
-@click.option("--dir", "directory", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Directory on the drive to measure (a temporary file is written there).")
-@click.option("--size", "size_bytes", default="4GiB", callback=_size, show_default=True,
-              help="Bytes per transfer.")
+@click.option(
+    "--dir",
+    "directory",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Directory on the drive to measure (a temporary file is written there).",
+)
+@click.option(
+    "--size",
+    "size_bytes",
+    default="4GiB",
+    callback=_size,
+    show_default=True,
+    help="Bytes per transfer.",
+)
 @click.option("--gpu", is_flag=True, help="Also read into GPU memory.")
 @click.option("--quick", is_flag=True, help="A small sweep (2 configurations).")
 @click.option("--full", is_flag=True, help="A large sweep (120 configurations).")
@@ -101,15 +128,26 @@ def bench_io(directory, size_bytes, gpu, quick, full, repeats, json_path) -> Non
     console = Console(stderr=True)
     grid = "quick" if quick else "full" if full else "default"
     with console.status("measuring...") as status:
-        data = iobench.run(directory, size_bytes, gpu=gpu, grid=grid, repeats=repeats,
-                           progress=lambda msg: (console.print(msg, highlight=False),
-                                                 status.update(msg)))
+        data = iobench.run(
+            directory,
+            size_bytes,
+            gpu=gpu,
+            grid=grid,
+            repeats=repeats,
+            progress=lambda msg: (console.print(msg, highlight=False), status.update(msg)),
+        )
     table = Table(title=f"infinity bench io: {format_size(data['size_bytes'])}, cold, O_DIRECT")
     for col in ("op", "into", "system", "settings", "GB/s", "x best read"):
         table.add_column(col, justify="right" if col in ("GB/s", "x best read") else "left")
     for r in data["results"]:
-        table.add_row(r["op"], r["target"], r["system"], iobench._short(r["config"]),
-                      f"{r['gbps']:.2f}", f"{r['ratio_to_best_read']:.2f}")
+        table.add_row(
+            r["op"],
+            r["target"],
+            r["system"],
+            iobench._short(r["config"]),
+            f"{r['gbps']:.2f}",
+            f"{r['ratio_to_best_read']:.2f}",
+        )
     Console().print(table)
     click.echo("Best read settings as DeepSpeed's aio config section:")
     click.echo(json.dumps({"aio": data["deepspeed_aio_section"]}, indent=2))

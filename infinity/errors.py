@@ -1,4 +1,4 @@
-"""The exceptions infinity raises. Each message says what failed, with the numbers, and what to do."""
+"""The exceptions infinity raises; each message says what failed, with numbers, and the fix."""
 
 from __future__ import annotations
 
@@ -31,9 +31,8 @@ class StorageIOError(InfinityError, OSError):
     def __init__(self, path: str, file_offset: int, nbytes: int, err: int, detail: str = ""):
         name = _errno.errorcode.get(err, "") if err else ""
         reason = os.strerror(err) if err else "I/O error"
-        message = (
-            f"{detail or reason}: {path!s} [offset {file_offset}, {nbytes} bytes]"
-            + (f" ({name})" if name else "")
+        message = f"{detail or reason}: {path!s} [offset {file_offset}, {nbytes} bytes]" + (
+            f" ({name})" if name else ""
         )
         OSError.__init__(self, err, message)
         self.path = str(path)

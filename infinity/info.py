@@ -36,7 +36,9 @@ def gpus() -> list[dict[str, Any]]:
     for i in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(i)
         entry: dict[str, Any] = {
-            "index": i, "name": props.name, "memory_bytes": props.total_memory,
+            "index": i,
+            "name": props.name,
+            "memory_bytes": props.total_memory,
             "capability": f"{props.major}.{props.minor}",
         }
         bus = getattr(props, "pci_bus_id", None)
@@ -71,10 +73,14 @@ def host() -> dict[str, Any]:
     # unless the process has CAP_IPC_LOCK (root).
     locked_headroom = mem.available if (memlock is None or root) else min(memlock, mem.available)
     return {
-        "cpu_count": os.cpu_count(), "platform": platform.platform(),
-        "ram_total_bytes": mem.total, "ram_available_bytes": mem.available,
-        "memlock_limit_bytes": memlock, "is_root": root,
-        "pinned_headroom_bytes": mem.available, "locked_headroom_bytes": locked_headroom,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "ram_total_bytes": mem.total,
+        "ram_available_bytes": mem.available,
+        "memlock_limit_bytes": memlock,
+        "is_root": root,
+        "pinned_headroom_bytes": mem.available,
+        "locked_headroom_bytes": locked_headroom,
     }
 
 
@@ -82,8 +88,11 @@ def collect(directory: str | None = None, check_aio: bool = True) -> dict[str, A
     import torch
 
     info: dict[str, Any] = {
-        "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-        "python": platform.python_version(), "gpus": gpus(), "host": host(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "gpus": gpus(),
+        "host": host(),
     }
     if check_aio:
         info.update(aio_status())

@@ -29,11 +29,20 @@ from infinity.io.fsinfo import MEMORY_FS, fs_info
 GRIDS = {  # block sizes, queue depths, intra-op parallelism, single_submit
     "quick": ([1 << 20, 8 << 20], [32], [8], [False]),
     "default": ([1 << 20, 8 << 20], [32, 128], [4, 8], [False, True]),
-    "full": ([256 << 10, 1 << 20, 4 << 20, 8 << 20, 16 << 20], [8, 32, 128], [1, 2, 4, 8],
-             [False, True]),
+    "full": (
+        [256 << 10, 1 << 20, 4 << 20, 8 << 20, 16 << 20],
+        [8, 32, 128],
+        [1, 2, 4, 8],
+        [False, True],
+    ),
 }
-DEEPSPEED_DEFAULT = dict(block_size_bytes=1 << 20, queue_depth=128, intra_op_parallelism=1,
-                         single_submit=False, overlap_events=False)
+DEEPSPEED_DEFAULT = dict(
+    block_size_bytes=1 << 20,
+    queue_depth=128,
+    intra_op_parallelism=1,
+    single_submit=False,
+    overlap_events=False,
+)
 
 
 @dataclass
@@ -55,7 +64,9 @@ class Result:
 
     def to_dict(self, best_read_gbps: float) -> dict[str, Any]:
         out = asdict(self)
-        out.update(median_s=self.median_s, gbps=self.gbps, ratio_to_best_read=self.gbps / best_read_gbps)
+        out.update(
+            median_s=self.median_s, gbps=self.gbps, ratio_to_best_read=self.gbps / best_read_gbps
+        )
         return out
 
 
@@ -96,12 +107,21 @@ def _buffered_read(path: str, nbytes: int) -> None:
 
 def _dd_direct(path: str, nbytes: int) -> None:
     count = nbytes // (16 << 20)
-    subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=16M", f"count={count}", "iflag=direct"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["dd", f"if={path}", "of=/dev/null", "bs=16M", f"count={count}", "iflag=direct"],
+        check=True,
+        capture_output=True,
+    )
 
 
-def run(directory: str, size_bytes: int, gpu: bool = False, grid: str = "default",
-        repeats: int = 1, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run(
+    directory: str,
+    size_bytes: int,
+    gpu: bool = False,
+    grid: str = "default",
+    repeats: int = 1,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Run the sweep and the references; returns a JSON-ready dict."""
     fs = fs_info(directory)
     if fs.fs_type in MEMORY_FS or not fs.direct_io:
@@ -124,8 +144,14 @@ def run(directory: str, size_bytes: int, gpu: bool = False, grid: str = "default
     results: list[Result] = []
     cache_drop_global = False
     configs = [
-        AioConfig(block_size_bytes=b, queue_depth=q, intra_op_parallelism=p, single_submit=s,
-                  overlap_events=True, lanes=1)
+        AioConfig(
+            block_size_bytes=b,
+            queue_depth=q,
+            intra_op_parallelism=p,
+            single_submit=s,
+            overlap_events=True,
+            lanes=1,
+        )
         for b, q, p, s in itertools.product(blocks, depths, pars, submits)
     ]
     pool = PinnedPool(size)
@@ -164,36 +190,87 @@ def run(directory: str, size_bytes: int, gpu: bool = False, grid: str = "default
         source = buf.clone()  # pageable copy, to restore the pinned buffer between reads
         for cfg in configs:
             with AioEngine(cfg) as eng:
-                measure("write", "pinned", "infinity", cfg.deepspeed_section(),
-                        lambda: eng.write(buf, path, 0))
-                measure("read", "pinned", "infinity", cfg.deepspeed_section(),
-                        lambda: eng.read(buf, path, 0), check_pinned)
+                measure(
+                    "write",
+                    "pinned",
+                    "infinity",
+                    cfg.deepspeed_section(),
+                    lambda: eng.write(buf, path, 0),
+                )
+                measure(
+                    "read",
+                    "pinned",
+                    "infinity",
+                    cfg.deepspeed_section(),
+                    lambda: eng.read(buf, path, 0),
+                    check_pinned,
+                )
                 if gpu:
-                    measure("read", "gpu", "infinity", cfg.deepspeed_section(),
-                            lambda: eng.read(gpu_buf, path, 0), check_gpu)
+                    measure(
+                        "read",
+                        "gpu",
+                        "infinity",
+                        cfg.deepspeed_section(),
+                        lambda: eng.read(gpu_buf, path, 0),
+                        check_gpu,
+                    )
             buf.copy_(source)
 
         aio = load_aio()
         ds_cfg = AioConfig(**DEEPSPEED_DEFAULT)
         handle = aio.aio_handle(1 << 20, 128, False, False, 1)
-        measure("read", "pinned", "deepspeed-default", ds_cfg.deepspeed_section(),
-                lambda: _check_rc(handle.sync_pread(buf, path, 0)), check_pinned)
+        measure(
+            "read",
+            "pinned",
+            "deepspeed-default",
+            ds_cfg.deepspeed_section(),
+            lambda: _check_rc(handle.sync_pread(buf, path, 0)),
+            check_pinned,
+        )
         if gpu:
-            measure("read", "gpu", "deepspeed-default", ds_cfg.deepspeed_section(),
-                    lambda: _check_rc(handle.sync_pread(gpu_buf, path, 0)), check_gpu)
-        best = max((r for r in results if r.op == "read" and r.target == "pinned"),
-                   key=lambda r: r.gbps)
+            measure(
+                "read",
+                "gpu",
+                "deepspeed-default",
+                ds_cfg.deepspeed_section(),
+                lambda: _check_rc(handle.sync_pread(gpu_buf, path, 0)),
+                check_gpu,
+            )
+        best = max(
+            (r for r in results if r.op == "read" and r.target == "pinned"), key=lambda r: r.gbps
+        )
         if gpu:  # DeepSpeed's own GPU path (its internal bounce), with the best settings
             b = best.config
-            ds_best = aio.aio_handle(b["block_size"], b["queue_depth"], b["single_submit"],
-                                     b["overlap_events"], b["intra_op_parallelism"])
-            measure("read", "gpu", "deepspeed-gpu", b,
-                    lambda: _check_rc(ds_best.sync_pread(gpu_buf, path, 0)), check_gpu)
-        measure("read", "pageable", "buffered-read", {"chunk_bytes": 16 << 20},
-                lambda: _buffered_read(path, size))
+            ds_best = aio.aio_handle(
+                b["block_size"],
+                b["queue_depth"],
+                b["single_submit"],
+                b["overlap_events"],
+                b["intra_op_parallelism"],
+            )
+            measure(
+                "read",
+                "gpu",
+                "deepspeed-gpu",
+                b,
+                lambda: _check_rc(ds_best.sync_pread(gpu_buf, path, 0)),
+                check_gpu,
+            )
+        measure(
+            "read",
+            "pageable",
+            "buffered-read",
+            {"chunk_bytes": 16 << 20},
+            lambda: _buffered_read(path, size),
+        )
         if shutil.which("dd"):
-            measure("read", "pageable", "dd-direct", {"bs": "16M", "iflag": "direct"},
-                    lambda: _dd_direct(path, size))
+            measure(
+                "read",
+                "pageable",
+                "dd-direct",
+                {"bs": "16M", "iflag": "direct"},
+                lambda: _dd_direct(path, size),
+            )
     finally:
         if os.path.exists(path):
             os.unlink(path)
@@ -204,10 +281,14 @@ def run(directory: str, size_bytes: int, gpu: bool = False, grid: str = "default
     best_read = max(raw_reads, key=lambda r: r.gbps)
     writes = [r for r in results if r.op == "write"]
     best_write = max(writes, key=lambda r: r.gbps)
-    best_any = max((r for r in results if r.op == "read" and r.target != "gpu"),
-                   key=lambda r: r.gbps)
+    best_any = max(
+        (r for r in results if r.op == "read" and r.target != "gpu"), key=lambda r: r.gbps
+    )
     summary: dict[str, Any] = {
-        "size_bytes": size, "grid": grid, "repeats": repeats, "directory": fs.to_dict(),
+        "size_bytes": size,
+        "grid": grid,
+        "repeats": repeats,
+        "directory": fs.to_dict(),
         "cold": {"o_direct": True, "drop_caches": cache_drop_global, "fadvise_dontneed": True},
         "results": [r.to_dict(best_read.gbps) for r in results],
         "best_read": best_read.to_dict(best_read.gbps),
@@ -238,6 +319,8 @@ def _compact(nbytes: int) -> str:
 
 def _short(cfg: dict[str, Any]) -> str:
     if "block_size" in cfg:
-        return (f"bs={_compact(cfg['block_size'])} qd={cfg['queue_depth']} "
-                f"p={cfg['intra_op_parallelism']} ss={int(cfg['single_submit'])}")
+        return (
+            f"bs={_compact(cfg['block_size'])} qd={cfg['queue_depth']} "
+            f"p={cfg['intra_op_parallelism']} ss={int(cfg['single_submit'])}"
+        )
     return " ".join(f"{k}={_compact(v) if isinstance(v, int) else v}" for k, v in cfg.items())

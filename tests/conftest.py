@@ -39,7 +39,12 @@ def engine():
     from infinity.io import AioEngine
 
     # small bounce chunks so that multi-chunk pipelines run on small tensors
-    cfg = AioConfig(block_size_bytes=64 * 1024, queue_depth=8, intra_op_parallelism=4,
-                    bounce_buffer_bytes=256 * 1024, lanes=2)
+    cfg = AioConfig(
+        block_size_bytes=64 * 1024,
+        queue_depth=8,
+        intra_op_parallelism=4,
+        bounce_buffer_bytes=256 * 1024,
+        lanes=2,
+    )
     with AioEngine(cfg) as eng:
         yield eng

@@ -50,8 +50,16 @@ def test_roundtrip_pinned_pool(engine, disk_dir, nbytes, offset):
 
 
 @pytest.mark.parametrize(
-    "dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool,
-              torch.float8_e4m3fn, torch.complex64]
+    "dtype",
+    [
+        torch.float32,
+        torch.bfloat16,
+        torch.float16,
+        torch.int64,
+        torch.bool,
+        torch.float8_e4m3fn,
+        torch.complex64,
+    ],
 )
 def test_dtypes_and_shapes(engine, disk_dir, dtype):
     path = os.path.join(disk_dir, "t.bin")
@@ -89,17 +97,24 @@ def test_non_contiguous_write_is_stored_contiguous(engine, disk_dir):
 def test_futures_run_concurrently(engine, disk_dir):
     tensors = [random_bytes(100_000 + i, i) for i in range(8)]
     paths = [os.path.join(disk_dir, f"c{i}.bin") for i in range(8)]
-    for fut in [engine.pwrite(t, p, 3) for t, p in zip(tensors, paths)]:
+    for fut in [engine.pwrite(t, p, 3) for t, p in zip(tensors, paths, strict=True)]:
         fut.result()
     outs = [torch.empty_like(t) for t in tensors]
-    for fut in [engine.pread(o, p, 3) for o, p in zip(outs, paths)]:
+    for fut in [engine.pread(o, p, 3) for o, p in zip(outs, paths, strict=True)]:
         assert fut.result() > 0
-    assert all(torch.equal(a, b) for a, b in zip(outs, tensors))
+    assert all(torch.equal(a, b) for a, b in zip(outs, tensors, strict=True))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=st.lists(st.tuples(st.integers(0, 40_000), st.integers(0, 20_000), st.integers(0, 2**31)),
-                    min_size=1, max_size=8))
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    ops=st.lists(
+        st.tuples(st.integers(0, 40_000), st.integers(0, 20_000), st.integers(0, 2**31)),
+        min_size=1,
+        max_size=8,
+    )
+)
 def test_random_writes_match_bytearray_model(engine, disk_dir, ops):
     path = os.path.join(disk_dir, "model.bin")
     if os.path.exists(path):
@@ -180,7 +195,7 @@ from infinity import AioConfig, StorageIOError
 from infinity.io import AioEngine
 with AioEngine(AioConfig(bounce_buffer_bytes=1 << 20, lanes=1)) as eng:
     try:
-        eng.write(torch.ones(10, dtype=torch.uint8), {os.path.join(ro, 'x.bin')!r})
+        eng.write(torch.ones(10, dtype=torch.uint8), {os.path.join(ro, "x.bin")!r})
     except StorageIOError as exc:
         print("ERRNO", exc.errno, exc)
         sys.exit(0)
@@ -192,8 +207,13 @@ sys.exit("no error")
         assert setpriv, "util-linux's setpriv is needed to drop root's capabilities"
         cmd = [setpriv, "--bounding-set=-all", "--", *cmd]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                              env=dict(os.environ, TORCH_EXTENSIONS_DIR=_extensions_dir()))
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=dict(os.environ, TORCH_EXTENSIONS_DIR=_extensions_dir()),
+        )
     finally:
         os.chmod(ro, 0o755)
     assert proc.returncode == 0, proc.stdout + proc.stderr

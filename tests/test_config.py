@@ -4,10 +4,21 @@ from infinity import AioConfig, ConfigError, format_size, parse_size
 from infinity.io._deepspeed import normalize_arch_list
 
 
-@pytest.mark.parametrize("text,expected", [
-    (4096, 4096), ("4096", 4096), ("8MiB", 8 * 2**20), ("8 mib", 8 * 2**20), ("1.5GB", 1_500_000_000),
-    ("4GiB", 4 * 2**30), ("3e8", 300_000_000), ("64KiB", 65536), ("1TiB", 2**40), ("0", 0),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (4096, 4096),
+        ("4096", 4096),
+        ("8MiB", 8 * 2**20),
+        ("8 mib", 8 * 2**20),
+        ("1.5GB", 1_500_000_000),
+        ("4GiB", 4 * 2**30),
+        ("3e8", 300_000_000),
+        ("64KiB", 65536),
+        ("1TiB", 2**40),
+        ("0", 0),
+    ],
+)
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
@@ -57,9 +68,15 @@ def test_environment_overrides(monkeypatch):
         AioConfig()
 
 
-@pytest.mark.parametrize("given,fixed", [
-    ("9.0a", "9.0"), ("8.0;9.0a", "8.0;9.0"), ("9.0a+PTX", "9.0+PTX"), ("10.0f 9.0", "10.0;9.0"),
-    ("8.6", "8.6"),
-])
+@pytest.mark.parametrize(
+    "given,fixed",
+    [
+        ("9.0a", "9.0"),
+        ("8.0;9.0a", "8.0;9.0"),
+        ("9.0a+PTX", "9.0+PTX"),
+        ("10.0f 9.0", "10.0;9.0"),
+        ("8.6", "8.6"),
+    ],
+)
 def test_arch_list_normalised(given, fixed):
     assert normalize_arch_list(given) == fixed

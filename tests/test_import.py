@@ -18,8 +18,14 @@ def run_python(code: str, cwd=None, env_path=None) -> subprocess.CompletedProces
         import os
 
         env, flags = dict(os.environ, PYTHONPATH=str(env_path)), ["-S"]
-    return subprocess.run([sys.executable, *flags, "-c", code], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, *flags, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=120,
+    )
 
 
 def test_import_initialises_nothing():
@@ -37,8 +43,11 @@ def test_import_initialises_nothing():
 
 
 def _copy_package(tmp_path: Path, with_extension: bool) -> Path:
-    shutil.copytree(ROOT / "infinity", tmp_path / "infinity",
-                    ignore=shutil.ignore_patterns("__pycache__", *(() if with_extension else ("_C*.so",))))
+    shutil.copytree(
+        ROOT / "infinity",
+        tmp_path / "infinity",
+        ignore=shutil.ignore_patterns("__pycache__", *(() if with_extension else ("_C*.so",))),
+    )
     shutil.copytree(ROOT / "csrc", tmp_path / "csrc")
     return tmp_path
 
@@ -63,6 +72,12 @@ def test_stale_extension_says_how_to_rebuild(tmp_path):
 
 
 def test_public_surface_is_small():
-    assert set(infinity.__all__) >= {"AioConfig", "InfinityError", "StorageIOError",
-                                     "CapacityError", "IntegrityError", "ConfigError"}
+    assert set(infinity.__all__) >= {
+        "AioConfig",
+        "InfinityError",
+        "StorageIOError",
+        "CapacityError",
+        "IntegrityError",
+        "ConfigError",
+    }
     assert len(infinity.__all__) <= 12

@@ -40,7 +40,10 @@ def _buildable_arch_list() -> Iterator[None]:
     if fixed != original:
         log.warning(
             "TORCH_CUDA_ARCH_LIST=%r cannot be parsed by DeepSpeed's op builder; building its aio "
-            "op with %r (set TORCH_CUDA_ARCH_LIST=%s to silence this)", original, fixed, fixed
+            "op with %r (set TORCH_CUDA_ARCH_LIST=%s to silence this)",
+            original,
+            fixed,
+            fixed,
         )
         os.environ["TORCH_CUDA_ARCH_LIST"] = fixed
     try:
@@ -56,7 +59,7 @@ _LIBAIO_HINT = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_aio() -> Any:
     """DeepSpeed's compiled ``async_io`` module (JIT-built on first use, then cached on disk)."""
     try:
@@ -82,7 +85,7 @@ def load_aio() -> Any:
             ) from exc
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_gds() -> Any | None:
     """DeepSpeed's GPUDirect Storage op, or None (with the reason logged) when it cannot load."""
     try:

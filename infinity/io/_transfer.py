@@ -103,7 +103,10 @@ def run_read(engine, lane, req) -> int:
         end = off + n
         if n and end > size:
             raise StorageIOError(
-                path, off, n, errno.EINVAL,
+                path,
+                off,
+                n,
+                errno.EINVAL,
                 f"read past end of file: the file has {size} bytes, the read asks for bytes "
                 f"[{off}, {end}), {end - size} beyond the end",
             )
@@ -130,16 +133,16 @@ def _bounce_read(lane, req, fd: int, s: int, e: int, direct_end: int) -> None:
 
     def issue(k: int) -> None:
         c0, c1 = chunks[k]
-        lane.submit(False, pipe.half(k, c1 - c0), path, c0)
+        lane.submit(False, pipe.half(k, c1 - c0), path, c0, slot=k % 2)
 
-    if chunks:
-        issue(0)
+    for k in range(min(2, len(chunks))):
+        issue(k)
     for k, (c0, c1) in enumerate(chunks):
-        lane.wait(path, c0, c1 - c0)
-        if k + 1 < len(chunks):
-            issue(k + 1)  # the disk reads chunk k+1 while chunk k is copied out
+        lane.wait(path, c0, c1 - c0, slot=k % 2)  # chunk k+1 keeps the disk busy meanwhile
         x0, x1 = max(c0, s), min(c1, e)
         pipe.copy(req.buf[x0 - base : x1 - base], lane.halves[k % 2][x0 - c0 : x1 - c0], k)
+        if k + 2 < len(chunks):
+            issue(k + 2)  # waits for chunk k's copy to leave the half first
     tail = max(s, direct_end)
     if e > tail:  # the file's last partial block: beyond O_DIRECT's reach
         data = torch.frombuffer(bytearray(_pread_exact(fd, req, tail, e - tail)), dtype=torch.uint8)
@@ -165,7 +168,9 @@ def _reserve(fd: int, req, lo: int, hi: int) -> None:
                 f"offset {lo}, {format_size(free)} free on {point}; free space or use another "
                 "directory"
             )
-        raise StorageIOError(req.path, req.file_offset, req.buf.numel(), exc.errno, detail) from None
+        raise StorageIOError(
+            req.path, req.file_offset, req.buf.numel(), exc.errno, detail
+        ) from None
 
 
 def run_write(engine, lane, req) -> int:
@@ -211,7 +216,9 @@ def _bounce_write(lane, req, fd: int, s: int, e: int, old: int) -> None:
         valid = min(b, old) - a
         if valid > 0:
             data = _pread_exact(fd, req, a, valid)
-            half[a - c0 : a - c0 + valid].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+            half[a - c0 : a - c0 + valid].copy_(
+                torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            )
 
     def stage(k: int) -> None:
         c0, c1 = chunks[k]
@@ -223,13 +230,15 @@ def _bounce_write(lane, req, fd: int, s: int, e: int, old: int) -> None:
         x0, x1 = max(c0, s), min(c1, e)
         pipe.copy(half[x0 - c0 : x1 - c0], req.buf[x0 - base : x1 - base], k, wait=True)
 
-    stage(0)
-    lane.submit(True, pipe.half(0, chunks[0][1] - chunks[0][0]), path, chunks[0][0])
+    def issue(k: int) -> None:
+        stage(k)
+        c0, c1 = chunks[k]
+        lane.submit(True, lane.halves[k % 2][: c1 - c0], path, c0, slot=k % 2)
+
+    for k in range(min(2, len(chunks))):
+        issue(k)
     for k, (c0, c1) in enumerate(chunks):
-        if k + 1 < len(chunks):
-            stage(k + 1)  # chunk k+1 is staged while the disk writes chunk k
-        lane.wait(path, c0, c1 - c0)
-        if k + 1 < len(chunks):
-            n0, n1 = chunks[k + 1]
-            lane.submit(True, lane.halves[(k + 1) % 2][: n1 - n0], path, n0)
+        lane.wait(path, c0, c1 - c0, slot=k % 2)  # chunk k+1 keeps the disk busy meanwhile
+        if k + 2 < len(chunks):
+            issue(k + 2)
     pipe.finish()

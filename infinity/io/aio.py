@@ -64,54 +64,72 @@ class _Request:
 
 
 class _Lane:
-    """One worker's handles, bounce buffers and CUDA stream."""
+    """One worker's handles, bounce buffers and CUDA streams.
+
+    Two slots, each a pair of handles (``intra_op_parallelism`` threads for whole granules, one
+    thread for the sub-granule remainder) with its own bounce half: chunk k uses slot k % 2, so
+    chunk k+1 is already queued on the disk while chunk k completes and is copied out.
+    """
 
     def __init__(self, engine: AioEngine):
         cfg = engine.config
         aio = load_aio()
         args = (cfg.block_size_bytes, cfg.queue_depth, cfg.single_submit, cfg.overlap_events)
-        self.main = aio.aio_handle(*args, cfg.intra_op_parallelism)
-        self.single = aio.aio_handle(*args, 1) if cfg.intra_op_parallelism > 1 else self.main
+        self.slots = []
+        for _ in range(2):
+            main = aio.aio_handle(*args, cfg.intra_op_parallelism)
+            single = aio.aio_handle(*args, 1) if cfg.intra_op_parallelism > 1 else main
+            self.slots.append((main, single))
+        self.main = self.slots[0][0]
         self.unit = cfg.chunk_unit_bytes
         self.chunk = cfg.bounce_chunk_bytes
         self.halves = [engine._pool.alloc(self.chunk), engine._pool.alloc(self.chunk)]
-        self.pending: dict[object, int] = {}
+        self.pending: list[dict[object, int]] = [{}, {}]
         self.streams: dict[int, tuple[torch.cuda.Stream, list]] = {}
 
     # -- DeepSpeed ops ----------------------------------------------------------------------
-    def submit(self, write: bool, buf: torch.Tensor, path: str, file_offset: int) -> None:
-        """Queue an aligned transfer (``buf.numel()`` a multiple of 4 KiB) on the handles."""
+    def submit(
+        self, write: bool, buf: torch.Tensor, path: str, file_offset: int, slot: int = 0
+    ) -> None:
+        """Queue an aligned transfer (``buf.numel()`` a multiple of 4 KiB) on a slot's handles."""
         n = buf.numel()
         main_n = n // self.unit * self.unit
-        parts = [(self.main, 0, main_n), (self.single, main_n, n)]
-        for handle, start, end in parts:
+        main, single = self.slots[slot]
+        pending = self.pending[slot]
+        for handle, start, end in ((main, 0, main_n), (single, main_n, n)):
             if end == start:
                 continue
-            piece = buf[start:end]
             op = handle.async_pwrite if write else handle.async_pread
-            rc = op(piece, path, file_offset + start)
+            rc = op(buf[start:end], path, file_offset + start)
             if rc != 0:
                 raise StorageIOError(
-                    path, file_offset + start, end - start, errno.EIO,
+                    path,
+                    file_offset + start,
+                    end - start,
+                    errno.EIO,
                     f"DeepSpeed aio refused the {'write' if write else 'read'} (returned {rc})",
                 )
-            self.pending[handle] = self.pending.get(handle, 0) + 1
+            pending[handle] = pending.get(handle, 0) + 1
 
-    def wait(self, path: str, file_offset: int, nbytes: int) -> None:
-        pending, self.pending = self.pending, {}
+    def wait(self, path: str, file_offset: int, nbytes: int, slot: int = 0) -> None:
+        pending, self.pending[slot] = self.pending[slot], {}
         for handle, count in pending.items():
             done = handle.wait()
             if done != count:
                 raise StorageIOError(
-                    path, file_offset, nbytes, errno.EIO,
+                    path,
+                    file_offset,
+                    nbytes,
+                    errno.EIO,
                     f"DeepSpeed aio completed {done} of {count} submitted ops",
                 )
 
     def drain(self) -> None:
         """After an error: wait for what is in flight so no buffer is reused under the disk."""
-        pending, self.pending = self.pending, {}
-        for handle in pending:
-            handle.wait()
+        for slot in range(2):
+            pending, self.pending[slot] = self.pending[slot], {}
+            for handle in pending:
+                handle.wait()
 
     # -- CUDA -------------------------------------------------------------------------------
     def stream_for(self, device: torch.device):
@@ -146,7 +164,7 @@ class AioEngine:
         return self._enqueue(False, tensor, path, file_offset)
 
     def pwrite(self, tensor: torch.Tensor, path: str | os.PathLike, file_offset: int = 0) -> Future:
-        """Write ``tensor``'s bytes to ``path`` at ``file_offset`` (the file is created if needed)."""
+        """Write ``tensor``'s bytes to ``path`` at ``file_offset``, creating the file if needed."""
         return self._enqueue(True, tensor, path, file_offset)
 
     def read(self, tensor: torch.Tensor, path: str | os.PathLike, file_offset: int = 0) -> int:
@@ -218,7 +236,10 @@ class AioEngine:
         point, fstype, _ = mount_of(os.path.dirname(os.path.abspath(req.path)))
         if fstype in MEMORY_FS and os.environ.get("INFINITY_ALLOW_TMPFS") != "1":
             raise StorageIOError(
-                req.path, req.file_offset, req.buf.numel(), errno.EINVAL,
+                req.path,
+                req.file_offset,
+                req.buf.numel(),
+                errno.EINVAL,
                 f"{point} is {fstype}: memory, not a disk (kernels before 6.6 also refuse "
                 "O_DIRECT there); files there cost RAM twice and are gone after a reboot. Use a "
                 "directory on an NVMe drive (ext4 or xfs), or set INFINITY_ALLOW_TMPFS=1 for tests",
@@ -228,7 +249,10 @@ class AioEngine:
             os.close(os.open(req.path, flags | os.O_DIRECT))
         except OSError as exc:
             raise StorageIOError(
-                req.path, req.file_offset, req.buf.numel(), exc.errno or errno.EINVAL,
+                req.path,
+                req.file_offset,
+                req.buf.numel(),
+                exc.errno or errno.EINVAL,
                 f"O_DIRECT is not supported on {fstype} at {point} ({exc.strerror}); "
                 "put the files on a real filesystem such as ext4 or xfs (not tmpfs or overlayfs)",
             ) from None

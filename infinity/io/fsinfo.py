@@ -14,8 +14,14 @@ from infinity.config import ALIGNMENT_BYTES
 
 MEMORY_FS = {"tmpfs", "ramfs", "devtmpfs"}  # O_DIRECT may work (Linux >= 6.6) but it is RAM
 _QUEUE_KEYS = (
-    "scheduler", "nr_requests", "max_sectors_kb", "read_ahead_kb", "rotational",
-    "logical_block_size", "physical_block_size", "nomerges",
+    "scheduler",
+    "nr_requests",
+    "max_sectors_kb",
+    "read_ahead_kb",
+    "rotational",
+    "logical_block_size",
+    "physical_block_size",
+    "nomerges",
 )
 
 
@@ -108,7 +114,14 @@ def fs_info(path: str | os.PathLike) -> FsInfo:
     reason = probe_direct_io(path)
     device, queue = _block_device_of(path)
     return FsInfo(
-        path=os.path.realpath(path), mount_point=point, fs_type=fstype, device=source or None,
-        free_bytes=usage.free, total_bytes=usage.total, direct_io=reason is None,
-        direct_io_error=reason, block_device=device, queue=queue,
+        path=os.path.realpath(path),
+        mount_point=point,
+        fs_type=fstype,
+        device=source or None,
+        free_bytes=usage.free,
+        total_bytes=usage.total,
+        direct_io=reason is None,
+        direct_io_error=reason,
+        block_device=device,
+        queue=queue,
     )

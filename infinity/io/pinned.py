@@ -61,8 +61,10 @@ class PinnedPool:
         if nbytes == 0:
             return torch.empty(0, dtype=torch.uint8)
         if self.kind == "cuda":
-            try:
-                return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            try:  # torch's pinned allocator may return 512-byte aligned blocks: over-allocate
+                raw = torch.empty(nbytes + self.alignment, dtype=torch.uint8, pin_memory=True)
+                shift = (-raw.data_ptr()) % self.alignment
+                return raw[shift : shift + nbytes]
             except RuntimeError as exc:
                 raise CapacityError(
                     f"cannot pin {format_size(nbytes)} of host memory: {exc}; lower the pool size"
@@ -73,7 +75,8 @@ class PinnedPool:
                 log.warning(
                     "memlock limit (ulimit -l) is %s, below the %s pool: using unlocked aligned "
                     "memory (DeepSpeed will bounce each transfer); raise `ulimit -l` to lock it",
-                    format_size(limit), format_size(nbytes),
+                    format_size(limit),
+                    format_size(nbytes),
                 )
                 self.kind = "aligned"
             else:
