@@ -10,6 +10,7 @@ RUN_SIZE    ?= 256MiB
 PY          := $(VENV)/bin/python
 PIP         := $(PY) -m pip -q --disable-pip-version-check
 STAMPS      := .stamps
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 CSRC        := $(shell find csrc -name '*.cpp' -o -name '*.h') setup.py pyproject.toml
 
 .PHONY: run test build setup aio-op lint bench-tiny clean

@@ -46,6 +46,8 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<uint64_t, uint64_t>(), py::arg("capacity_bytes"), py::arg("alignment") = 4096)
       .def("alloc", &Arena::alloc, py::arg("nbytes"),
            "Reserve nbytes (rounded up to the alignment); returns the block's offset.")
+      .def("reserve", &Arena::reserve, py::arg("offset"), py::arg("nbytes"),
+           "Mark a specific aligned range as allocated (raises ValueError if not free).")
       .def("free", &Arena::free, py::arg("offset"))
       .def("size_of", &Arena::size_of, py::arg("offset"))
       .def("stats", &Arena::stats)

@@ -48,6 +48,19 @@ class ArenaMachine(RuleBasedStateMachine):
         assert self.arena.size_of(offset) == want
         self.live[offset] = want
 
+    @rule(slot=st.integers(0, CAPACITY // ALIGN - 1), units=st.integers(1, 8))
+    def reserve(self, slot, units):
+        offset, want = slot * ALIGN, units * ALIGN
+        free = offset + want <= CAPACITY and all(
+            offset + want <= other or other + size <= offset for other, size in self.live.items()
+        )
+        if not free:
+            with pytest.raises(ValueError, match="not free"):
+                self.arena.reserve(offset, want)
+            return
+        self.arena.reserve(offset, want)
+        self.live[offset] = want
+
     @precondition(lambda self: self.live)
     @rule(data=st.data())
     def free(self, data):
@@ -97,6 +110,12 @@ def test_bad_construction():
         Arena(4096, 3000)
     with pytest.raises(ValueError, match="multiple of the alignment"):
         Arena(5000, 4096)
+
+
+def test_reserve_rejects_unaligned():
+    arena = Arena(16 * 4096, 4096)
+    with pytest.raises(ValueError, match="not a multiple"):
+        arena.reserve(100, 4096)
 
 
 def test_zero_capacity_refuses_everything():

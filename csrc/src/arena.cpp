@@ -78,6 +78,34 @@ uint64_t Arena::alloc(uint64_t nbytes) {
   return offset;
 }
 
+void Arena::reserve(uint64_t offset, uint64_t nbytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  uint64_t want = nbytes == 0 ? alignment_ : (nbytes + alignment_ - 1) & ~(alignment_ - 1);
+  if (offset % alignment_ != 0) {
+    throw std::invalid_argument("arena reserve: offset " + std::to_string(offset) +
+                                " is not a multiple of the alignment " +
+                                std::to_string(alignment_));
+  }
+  // the free block that starts at or before offset must cover the whole range
+  auto it = free_by_offset_.upper_bound(offset);
+  if (it == free_by_offset_.begin()) {
+    throw std::invalid_argument("arena reserve: [" + std::to_string(offset) + ", " +
+                                std::to_string(offset + want) + ") is not free");
+  }
+  --it;
+  const uint64_t start = it->first;
+  const uint64_t size = it->second;
+  if (offset + want > start + size) {
+    throw std::invalid_argument("arena reserve: [" + std::to_string(offset) + ", " +
+                                std::to_string(offset + want) + ") is not free");
+  }
+  erase_free_locked(it);
+  if (offset > start) insert_free_locked(start, offset - start);
+  if (start + size > offset + want) insert_free_locked(offset + want, start + size - offset - want);
+  live_.emplace(offset, want);
+  used_ += want;
+}
+
 void Arena::free(uint64_t offset) {
   std::lock_guard<std::mutex> lock(mutex_);
   auto live = live_.find(offset);

@@ -35,6 +35,9 @@ class Arena {
   Arena(uint64_t capacity_bytes, uint64_t alignment);
 
   uint64_t alloc(uint64_t nbytes);                 // throws CapacityError
+  // Mark [offset, offset + nbytes) as allocated (rebuilding state from a manifest).
+  // Throws std::invalid_argument when unaligned or not entirely free.
+  void reserve(uint64_t offset, uint64_t nbytes);
   void free(uint64_t offset);                      // throws std::invalid_argument
   uint64_t size_of(uint64_t offset) const;         // bytes reserved for a live block
   ArenaStats stats() const;

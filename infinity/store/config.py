@@ -1,0 +1,79 @@
+"""StoreConfig and StoreStats."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from infinity.config import AioConfig, _from_env, parse_size
+from infinity.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Budgets and behaviour of a TieredStore.
+
+    ``gpu_bytes``/``pinned_bytes`` bound the GPU and pinned-CPU tiers (INFINITY_GPU_BYTES,
+    INFINITY_PINNED_BYTES); ``verify_checksums`` checks every read from NVMe
+    (INFINITY_VERIFY_CHECKSUMS); a tensor of at least ``len(paths) * stripe_min_bytes`` is striped
+    over all paths; ``io_threads`` runs prefetches.
+    """
+
+    gpu_bytes: int = _from_env("INFINITY_GPU_BYTES", 0, int)
+    pinned_bytes: int = _from_env("INFINITY_PINNED_BYTES", 256 << 20, int)
+    aio: AioConfig = field(default_factory=AioConfig)
+    verify_checksums: bool = _from_env("INFINITY_VERIFY_CHECKSUMS", True, bool)
+    stripe_min_bytes: int = 4 << 20
+    io_threads: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("gpu_bytes", "pinned_bytes", "stripe_min_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, parse_size(value))
+            elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"StoreConfig.{name} must be a size >= 0, got {value!r}")
+        if isinstance(self.aio, dict):
+            object.__setattr__(self, "aio", AioConfig.from_dict(self.aio))
+        if self.stripe_min_bytes < 4096:
+            raise ConfigError(f"StoreConfig.stripe_min_bytes={self.stripe_min_bytes} < 4096")
+        if not isinstance(self.io_threads, int) or self.io_threads < 1:
+            raise ConfigError(f"StoreConfig.io_threads must be >= 1, got {self.io_threads!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StoreConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown StoreConfig keys {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
+class StoreStats:
+    """Bytes per tier, hits and misses, link throughput and time spent waiting."""
+
+    keys: int = 0
+    gpu_bytes: int = 0
+    pinned_bytes: int = 0
+    nvme_bytes: int = 0
+    hits: dict[str, int] = field(default_factory=lambda: {"gpu": 0, "cpu": 0})
+    misses: dict[str, int] = field(default_factory=lambda: {"gpu": 0, "cpu": 0})
+    disk_read_bytes: int = 0
+    disk_read_s: float = 0.0
+    disk_write_bytes: int = 0
+    disk_write_s: float = 0.0
+    h2d_bytes: int = 0
+    stall_s: float = 0.0  # time get() waited for data that was not resident yet
+
+    @property
+    def disk_read_gbps(self) -> float:
+        return self.disk_read_bytes / self.disk_read_s / 1e9 if self.disk_read_s else 0.0
+
+    @property
+    def disk_write_gbps(self) -> float:
+        return self.disk_write_bytes / self.disk_write_s / 1e9 if self.disk_write_s else 0.0

@@ -1,0 +1,549 @@
+"""TieredStore: tensors by key over GPU memory, pinned CPU memory and NVMe.
+
+Call order:
+- ``put``: hash the bytes (xxh3) on the CPU, allocate fresh extents (copy-on-write), write them
+  through the aio engine, then (under the lock) swap the record in and keep a copy in the asked
+  tier. The replaced extents are freed only after the next manifest commit.
+- ``get``/``prefetch``: GPU copy, else pinned copy, else read the extents from NVMe (aio), check
+  the checksum, and copy pinned -> GPU on the tier's copy stream (the caller's stream waits on an
+  event, so compute on the default stream overlaps the copy).
+- ``flush``: fsync the data files, then commit the manifest atomically (manifest.py).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from infinity.errors import (
+    CapacityError,
+    ConfigError,
+    InfinityError,
+    IntegrityError,
+    StorageIOError,
+)
+from infinity.config import format_size
+from infinity.io import AioEngine
+from infinity.io.aio import byte_view
+from infinity.io.fsinfo import MEMORY_FS, mount_of
+from infinity.store import manifest as mf
+from infinity.store.config import StoreConfig, StoreStats
+from infinity.store.extents import SpaceMap
+from infinity.store.manifest import Entry
+from infinity.store.tiers import GpuTier, PinnedTier, copy_to_gpu, touch
+
+TIERS = ("gpu", "cpu", "nvme")
+
+
+class StoreLockedError(InfinityError):
+    """Another process has the store open for writing."""
+
+
+class UnknownKeyError(InfinityError, KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+    tiers: tuple[str, ...]
+    checksum: str
+    version: int
+
+
+def parse_device(device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{device!r} is not a device: use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ConfigError(f"device {device!r} is not supported: use 'cpu', 'cuda' or 'cuda:N'")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked, but torch sees no CUDA device")
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA devices")
+    return torch.device("cuda", index)
+
+
+class TieredStore:
+    """See the module docstring. Open with ``TieredStore.open(path_or_paths, StoreConfig(...))``."""
+
+    @classmethod
+    def open(cls, paths, config: StoreConfig | None = None, *, readonly: bool = False):
+        return cls(paths, config or StoreConfig(), readonly=readonly)
+
+    def __init__(self, paths, config: StoreConfig, readonly: bool = False):
+        paths = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
+        if not paths:
+            raise ConfigError("TieredStore.open needs at least one directory")
+        self.paths = [os.path.abspath(os.fspath(p)) for p in paths]
+        self.config, self.readonly = config, readonly
+        self._lock = threading.RLock()
+        self._flush_lock = threading.Lock()
+        self._lock_fd: int | None = None
+        self._closed = True
+        for path in self.paths:
+            _check_directory(path, create=not readonly)
+        if not readonly:
+            self._lock_fd = _take_lock(self.paths[0])
+        try:
+            self._load()
+            self._engine = AioEngine(config.aio)
+            self.cpu = PinnedTier(config.pinned_bytes, self._lock)
+            self.gpu = GpuTier(config.gpu_bytes, self._lock)
+            self._executor = ThreadPoolExecutor(config.io_threads, thread_name_prefix="infinity-store")
+        except BaseException:
+            self._release_lock()
+            raise
+        self._stats = StoreStats()
+        self._closed = False
+
+    # -- opening ------------------------------------------------------------------------------
+    def _load(self) -> None:
+        doc = mf.read_manifest(self.paths[0])
+        count = len(self.paths)
+        if doc is None:
+            if self.readonly:
+                raise ConfigError(f"no infinity store at {self.paths[0]} (no {mf.MANIFEST})")
+            doc = {"format": mf.FORMAT, "version": mf.FORMAT_VERSION, "store_id": uuid.uuid4().hex,
+                   "generation": 0, "files": ["data.bin"] * count, "entries": {}}
+            for i, path in enumerate(self.paths):
+                member = {"store_id": doc["store_id"], "index": i, "count": count}
+                mf.write_atomic(path, mf.MEMBER, mf.encode(member))
+            mf.write_atomic(self.paths[0], mf.MANIFEST, mf.encode(doc))
+        self._check_members(doc)
+        self._store_id, self._generation = doc["store_id"], int(doc["generation"])
+        self._files = [os.path.join(p, name) for p, name in zip(self.paths, doc["files"], strict=True)]
+        self._entries = {k: Entry.from_record(k, r) for k, r in doc["entries"].items()}
+        self._space = SpaceMap(count, self.config.stripe_min_bytes)
+        for entry in self._entries.values():
+            self._space.reserve(entry.extents)
+        self._pending_free: list[mf.Extent] = []
+        self._dirty = False
+
+    def _check_members(self, doc: dict) -> None:
+        count = len(doc["files"])
+        if count != len(self.paths):
+            raise ConfigError(
+                f"store {self.paths[0]} spans {count} paths; {len(self.paths)} were given"
+            )
+        for i, path in enumerate(self.paths):
+            member_path = os.path.join(path, mf.MEMBER)
+            member = mf.decode_body(_read(member_path), member_path)
+            if member.get("store_id") != doc["store_id"] or member.get("index") != i:
+                raise ConfigError(
+                    f"{path} is stripe {member.get('index')} of store {member.get('store_id')}, "
+                    f"but was given as stripe {i} of store {doc['store_id']}: pass the paths in "
+                    "the order the store was created with"
+                )
+
+    # -- public API ---------------------------------------------------------------------------
+    def put(self, key: str, tensor: torch.Tensor, tier: str = "nvme") -> None:
+        """Store ``tensor`` under ``key`` (durable after ``flush``) and keep a copy in ``tier``."""
+        self._writable()
+        _check_key(key)
+        if tier not in TIERS:
+            raise ConfigError(f"tier must be one of {TIERS}, got {tier!r}")
+        if not isinstance(tensor, torch.Tensor):
+            raise ConfigError(f"put({key!r}) expects a torch.Tensor, got {type(tensor).__name__}")
+        src = tensor.detach()
+        device = src.device if src.is_cuda else None
+        budget = {"cpu": self.config.pinned_bytes, "gpu": self.config.gpu_bytes}.get(tier)
+        if budget is not None and src.nbytes > budget:
+            raise CapacityError(
+                f"put({key!r}, tier={tier!r}): {format_size(src.nbytes)} exceeds the whole "
+                f"{tier} tier ({format_size(budget)}); raise StoreConfig."
+                f"{'pinned_bytes' if tier == 'cpu' else 'gpu_bytes'} or put it with tier='nvme'"
+            )
+        host = src.contiguous() if src.device.type == "cpu" else src.to("cpu")
+        raw = byte_view(host)
+        checksum = mf.checksum_bytes(raw)
+        with self._lock:
+            extents = self._space.allocate(raw.numel())
+        try:
+            self._io(raw, extents, write=True)
+        except BaseException:
+            with self._lock:
+                self._space.free(extents)
+            raise
+        with self._lock:
+            old = self._entries.get(key)
+            entry = Entry(key, src.dtype, tuple(src.shape), raw.numel(), extents, checksum,
+                          old.version + 1 if old else 1)
+            if old is not None:
+                self._forget(old)
+            self._entries[key] = entry
+            self._dirty = True
+        if tier == "cpu":
+            self._ensure_cpu(entry, source=raw)
+        elif tier == "gpu":
+            self._ensure_gpu(entry, device or parse_device("cuda"), source=src)
+
+    def get(self, key: str, device="cpu") -> torch.Tensor:
+        """A tensor equal to what was put. On the GPU, a GPU-resident key returns its resident
+        tensor (treat it as read-only); everything else is a new tensor."""
+        dev = parse_device(device)
+        entry = self._entry(key)
+        start = time.perf_counter()
+        if dev.type == "cuda":
+            result, ready = self._ensure_gpu(entry, dev, admit=False)
+            torch.cuda.current_stream(dev).wait_event(ready)
+        else:
+            result = self._read_cpu(entry)
+        self._stats.stall_s += time.perf_counter() - start
+        return _typed(result, entry)
+
+    def prefetch(self, keys: str | Iterable[str], tier: str = "cpu") -> Future:
+        """Make keys resident in ``tier`` ("cpu" or "gpu") in the background."""
+        if tier not in ("cpu", "gpu"):
+            raise ConfigError(f"prefetch tier must be 'cpu' or 'gpu', got {tier!r}")
+        keys = [keys] if isinstance(keys, str) else list(keys)
+        entries = [self._entry(k) for k in keys]
+        dev = parse_device("cuda") if tier == "gpu" else None
+        futures = [
+            self._executor.submit(self._ensure_gpu if dev else self._ensure_cpu, e, *([dev] if dev else []))
+            for e in entries
+        ]
+        return _all_of(futures, len(keys))
+
+    def evict(self, key: str, tier: str = "cpu") -> None:
+        """Drop the copy of ``key`` held in ``tier``; the NVMe copy stays."""
+        if tier not in ("cpu", "gpu"):
+            raise ConfigError(f"evict tier must be 'cpu' or 'gpu' (NVMe holds the data; use delete), got {tier!r}")
+        entry = self._entry(key)
+        with self._lock:
+            if tier == "cpu" and entry.busy:
+                raise InfinityError(f"{key!r} is being read from the pinned tier; evict it later")
+            (self.cpu if tier == "cpu" else self.gpu).drop(entry)
+
+    def delete(self, key: str) -> None:
+        self._writable()
+        with self._lock:
+            entry = self._entry(key)
+            self._forget(entry)
+            del self._entries[key]
+            self._dirty = True
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._entries)
+
+    def entry(self, key: str) -> EntryInfo:
+        e = self._entry(key)
+        return EntryInfo(e.key, e.dtype, e.shape, e.nbytes, e.tiers, e.checksum, e.version)
+
+    def set_residency(self, cpu: Iterable[str] = (), gpu: Iterable[str] = ()) -> None:
+        """Hold these keys in the tiers (a scheduler's plan): the replacement policy never drops
+        them. Loading them is up to ``prefetch``."""
+        with self._lock:
+            self.cpu.held, self.gpu.held = set(cpu), set(gpu)
+
+    def flush(self) -> None:
+        """Everything put so far is durable on NVMe when this returns."""
+        self._writable()
+        with self._flush_lock, self._lock:
+            if not self._dirty:
+                return
+            for path in self._files:
+                if os.path.exists(path):
+                    fd = os.open(path, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+            doc = {"format": mf.FORMAT, "version": mf.FORMAT_VERSION, "store_id": self._store_id,
+                   "generation": self._generation + 1,
+                   "files": [os.path.basename(f) for f in self._files],
+                   "entries": {k: e.to_record() for k, e in self._entries.items()}}
+            mf.write_atomic(self.paths[0], mf.MANIFEST, mf.encode(doc))
+            self._generation += 1
+            self._space.free(self._pending_free)
+            self._pending_free = []
+            self._dirty = False
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            s = self._stats
+            s.keys = len(self._entries)
+            s.gpu_bytes, s.pinned_bytes = self.gpu.used_bytes, self.cpu.used_bytes
+            s.nvme_bytes = sum(e.nbytes for e in self._entries.values())
+            return StoreStats(**{k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(s).items()})
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if not self.readonly:
+                self.flush()
+        finally:
+            self._closed = True
+            self._executor.shutdown(wait=True)
+            self.gpu.close()
+            self.cpu.close()
+            self._engine.close()
+            self._release_lock()
+
+    def __enter__(self) -> TieredStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------------
+    def _writable(self) -> None:
+        if self._closed:
+            raise InfinityError("the store is closed")
+        if self.readonly:
+            raise ConfigError(f"store {self.paths[0]} was opened read-only")
+
+    def _entry(self, key: str) -> Entry:
+        if self._closed:
+            raise InfinityError("the store is closed")
+        entry = self._entries.get(key)
+        if entry is None:
+            raise UnknownKeyError(f"no key {key!r} in store {self.paths[0]} ({len(self._entries)} keys)")
+        return entry
+
+    def _forget(self, entry: Entry) -> None:
+        """Drop a replaced or deleted entry's copies; its extents wait for the next commit."""
+        entry.retired = True
+        self.gpu.drop(entry)
+        if entry.busy:  # readers still copy from the view: the last one frees it
+            if self.cpu.members.pop(entry.key, None) is not None:
+                self.cpu.used_bytes -= entry.nbytes
+        else:
+            self.cpu.drop(entry)
+        self._pending_free.extend(entry.extents)
+
+    def _io(self, raw: torch.Tensor, extents: list[mf.Extent], write: bool) -> None:
+        start = time.perf_counter()
+        futures, pos = [], 0
+        for ext in extents:
+            piece = raw[pos : pos + ext.nbytes]
+            op = self._engine.pwrite if write else self._engine.pread
+            futures.append(op(piece, self._files[ext.file], ext.file_offset))
+            pos += ext.nbytes
+        errors = []
+        for fut in futures:
+            try:
+                fut.result()
+            except BaseException as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+        elapsed = time.perf_counter() - start
+        with self._lock:
+            if write:
+                self._stats.disk_write_bytes += raw.numel()
+                self._stats.disk_write_s += elapsed
+            else:
+                self._stats.disk_read_bytes += raw.numel()
+                self._stats.disk_read_s += elapsed
+
+    def _load_bytes(self, entry: Entry, out: torch.Tensor) -> None:
+        self._io(out, entry.extents, write=False)
+        if self.config.verify_checksums:
+            actual = mf.checksum_bytes(out)
+            if actual != entry.checksum:
+                files = sorted({self._files[e.file] for e in entry.extents})
+                raise IntegrityError(
+                    f"checksum mismatch for key {entry.key!r}: read {actual}, stored "
+                    f"{entry.checksum}, from {', '.join(files)}; the data is corrupt: put the key "
+                    "again or restore the store (infinity store fsck lists every damaged key)"
+                )
+
+    def _read_cpu(self, entry: Entry) -> torch.Tensor:
+        with self._lock:
+            view = entry.cpu
+            if view is not None:
+                entry.busy += 1
+                touch(entry, "cpu")
+                self._stats.hits["cpu"] += 1
+            else:
+                self._stats.misses["cpu"] += 1
+        if view is None:
+            out = torch.empty(entry.nbytes, dtype=torch.uint8)
+            self._load_bytes(entry, out)
+            return out
+        try:
+            return view.clone()
+        finally:
+            self._release_reader(entry)
+
+    def _release_reader(self, entry: Entry) -> None:
+        with self._lock:
+            entry.busy -= 1
+            if entry.busy == 0 and entry.retired and entry.cpu is not None:
+                self.cpu.pool.free(entry.cpu)
+                entry.cpu = None
+
+    def _ensure_cpu(self, entry: Entry, source: torch.Tensor | None = None) -> None:
+        with self._lock:
+            if entry.cpu is not None:
+                touch(entry, "cpu")
+                self._stats.hits["cpu"] += 1
+                return
+            self._stats.misses["cpu"] += 1
+            view = self.cpu.allocate(entry)
+            entry.busy += 1  # nobody may drop the half-filled view
+        try:
+            if source is not None:
+                view.copy_(source)
+            else:
+                self._load_bytes(entry, view)
+        except BaseException:
+            with self._lock:
+                entry.busy -= 1
+                self.cpu.pool.free(view)
+            raise
+        with self._lock:
+            entry.busy -= 1
+            if entry.cpu is None and not entry.retired:
+                self.cpu.admit(entry, view)
+            else:  # loaded twice concurrently, or replaced meanwhile
+                self.cpu.pool.free(view)
+
+    def _ensure_gpu(self, entry: Entry, device: torch.device, source: torch.Tensor | None = None,
+                    admit: bool = True):
+        with self._lock:
+            gpu = entry.gpu
+            if gpu is not None and gpu.device == device:
+                touch(entry, "gpu")
+                self._stats.hits["gpu"] += 1
+                return gpu, entry.gpu_ready
+            self._stats.misses["gpu"] += 1
+            if admit:
+                self.gpu.make_room(entry)
+        if source is not None:  # a put with tier="gpu": keep our own copy
+            stream = self.gpu.stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                out = byte_view(source.contiguous()).clone()
+                ready = torch.cuda.Event()
+                ready.record(stream)
+        else:
+            out, ready = self._host_to_gpu(entry, device)
+        self._stats.h2d_bytes += entry.nbytes
+        if admit:
+            with self._lock:
+                if not entry.retired and entry.gpu is None:
+                    self.gpu.admit(entry, out, ready)
+        return out, ready
+
+    def _host_to_gpu(self, entry: Entry, device: torch.device):
+        """Pinned copy (loaded into the pinned tier if needed) -> GPU; pageable if it can't fit."""
+        try:
+            self._ensure_cpu(entry)
+        except CapacityError:
+            pass
+        with self._lock:
+            view = entry.cpu
+            if view is not None:
+                entry.busy += 1
+        if view is not None:
+            return copy_to_gpu(self.gpu, view, device, after=lambda: self._release_reader(entry))
+        staging = torch.empty(entry.nbytes, dtype=torch.uint8)
+        self._load_bytes(entry, staging)
+        return copy_to_gpu(self.gpu, staging, device)
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def _typed(raw: torch.Tensor, entry: Entry) -> torch.Tensor:
+    return raw.view(entry.dtype).reshape(entry.shape)
+
+
+def _check_key(key) -> None:
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"keys are non-empty strings, got {key!r}")
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{os.path.dirname(path)} is not part of an infinity store") from None
+
+
+def _check_directory(path: str, create: bool) -> None:
+    if not os.path.isdir(path):
+        parent = os.path.dirname(path)
+        if not create or not os.path.isdir(parent):
+            raise StorageIOError(path, 0, 0, errno.ENOENT,
+                                 f"store directory does not exist (nor its parent {parent})"
+                                 if create else "store directory does not exist")
+        os.mkdir(path)
+    point, fstype, _ = mount_of(path)
+    if fstype in MEMORY_FS and os.environ.get("INFINITY_ALLOW_TMPFS") != "1":
+        raise StorageIOError(path, 0, 0, errno.EINVAL,
+                             f"{point} is {fstype}: memory, not a disk; put the store on an NVMe "
+                             "drive (ext4 or xfs)")
+
+
+def _take_lock(directory: str) -> int:
+    path = os.path.join(directory, mf.LOCK)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StoreLockedError(
+            f"store {directory} is open for writing by another process (pid {holder}); close it "
+            "there, or open this one with readonly=True"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _all_of(futures: list[Future], count: int) -> Future:
+    """One future that resolves (to the number of keys) when all of ``futures`` have."""
+    done: Future = Future()
+    remaining = [len(futures)]
+    lock = threading.Lock()
+
+    def on_done(fut: Future) -> None:
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if fut.exception() is not None and not done.done():
+            try:
+                done.set_exception(fut.exception())
+            except Exception:
+                pass
+        elif last and not done.done():
+            done.set_result(count)
+
+    if not futures:
+        done.set_result(0)
+    for fut in futures:
+        fut.add_done_callback(on_done)
+    return done

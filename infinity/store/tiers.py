@@ -1,0 +1,160 @@
+"""The two memory tiers above NVMe: pinned CPU (one PinnedPool) and GPU (a byte budget).
+
+Replacement policy until a scheduler's residency plan is given: when a tier is full, drop the copy
+used most recently (MRU) among those nobody is reading and the plan does not hold. Under a cyclic
+scan larger than the tier (a forward pass, an optimizer step) MRU keeps a fixed subset resident,
+so each pass hits about capacity / working set, where LRU (the page cache) hits about 0%.
+The NVMe copy is never dropped: both tiers hold clean copies only (puts write through).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable
+
+import torch
+
+from infinity.config import format_size
+from infinity.errors import CapacityError
+from infinity.io import PinnedPool
+from infinity.store.manifest import Entry
+
+_clock = itertools.count(1)
+
+
+def touch(entry: Entry, tier: str) -> None:
+    entry.last_used[tier] = next(_clock)
+
+
+class Tier:
+    """Bookkeeping shared by both tiers: members, plan-held keys, MRU victims."""
+
+    name = ""
+
+    def __init__(self, budget_bytes: int, lock: threading.RLock):
+        self.budget_bytes = budget_bytes
+        self.used_bytes = 0
+        self.members: dict[str, Entry] = {}
+        self.held: set[str] = set()  # keys the residency plan keeps here
+        self.lock = lock  # the store's lock
+
+    def copy_of(self, entry: Entry) -> torch.Tensor | None:
+        return getattr(entry, self.name)
+
+    def victims(self, protect: Entry) -> list[Entry]:
+        candidates = [
+            e for k, e in self.members.items()
+            if e is not protect and k not in self.held and not (self.name == "cpu" and e.busy)
+        ]
+        return sorted(candidates, key=lambda e: e.last_used.get(self.name, 0), reverse=True)
+
+    def drop(self, entry: Entry) -> None:
+        raise NotImplementedError
+
+    def full_error(self, entry: Entry, what: str) -> CapacityError:
+        return CapacityError(
+            f"{self.name} tier cannot fit {entry.key!r} ({format_size(entry.nbytes)}): "
+            f"{format_size(self.used_bytes)} of {format_size(self.budget_bytes)} in use by "
+            f"{len(self.members)} tensors that are held or being read ({what}); raise "
+            f"StoreConfig.{'pinned_bytes' if self.name == 'cpu' else 'gpu_bytes'} or evict keys"
+        )
+
+
+class PinnedTier(Tier):
+    name = "cpu"
+
+    def __init__(self, budget_bytes: int, lock: threading.RLock):
+        super().__init__(budget_bytes, lock)
+        self.pool = PinnedPool(budget_bytes) if budget_bytes else None
+
+    def allocate(self, entry: Entry) -> torch.Tensor:
+        """A pinned view for ``entry`` (caller holds the lock), dropping MRU copies as needed."""
+        if self.pool is None or entry.nbytes > self.budget_bytes:
+            raise self.full_error(entry, "too large for the tier")
+        victims = self.victims(entry)
+        while True:
+            try:
+                return self.pool.alloc(entry.nbytes)
+            except CapacityError:
+                if not victims:
+                    raise self.full_error(entry, "nothing left to drop") from None
+                self.drop(victims.pop(0))
+
+    def admit(self, entry: Entry, view: torch.Tensor) -> None:
+        entry.cpu = view
+        self.members[entry.key] = entry
+        self.used_bytes += entry.nbytes
+        touch(entry, self.name)
+
+    def drop(self, entry: Entry) -> None:
+        if entry.cpu is None:
+            return
+        self.pool.free(entry.cpu)
+        entry.cpu = None
+        self.members.pop(entry.key, None)
+        self.used_bytes -= entry.nbytes
+
+    def close(self) -> None:
+        for entry in list(self.members.values()):
+            self.drop(entry)
+        if self.pool is not None:
+            self.pool.close()
+
+
+class GpuTier(Tier):
+    name = "gpu"
+
+    def __init__(self, budget_bytes: int, lock: threading.RLock):
+        super().__init__(budget_bytes, lock)
+        self._stream: dict[int, torch.cuda.Stream] = {}
+
+    def stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device.index not in self._stream:
+            self._stream[device.index] = torch.cuda.Stream(device)
+        return self._stream[device.index]
+
+    def make_room(self, entry: Entry) -> None:
+        if entry.nbytes > self.budget_bytes:
+            raise self.full_error(entry, "too large for the tier")
+        victims = self.victims(entry)
+        while self.used_bytes + entry.nbytes > self.budget_bytes:
+            if not victims:
+                raise self.full_error(entry, "nothing left to drop")
+            self.drop(victims.pop(0))
+
+    def admit(self, entry: Entry, tensor: torch.Tensor, ready) -> None:
+        entry.gpu, entry.gpu_ready = tensor, ready
+        self.members[entry.key] = entry
+        self.used_bytes += entry.nbytes
+        touch(entry, self.name)
+
+    def drop(self, entry: Entry) -> None:
+        if entry.gpu is None:
+            return
+        entry.gpu, entry.gpu_ready = None, None  # callers' references keep their memory alive
+        self.members.pop(entry.key, None)
+        self.used_bytes -= entry.nbytes
+
+    def close(self) -> None:
+        for entry in list(self.members.values()):
+            self.drop(entry)
+
+
+def copy_to_gpu(tier: GpuTier, host: torch.Tensor, device: torch.device,
+                after: Callable[[], None] | None = None):
+    """Copy a pinned uint8 buffer to a new GPU tensor on the tier's copy stream.
+
+    Returns (tensor, event). ``after`` runs once the copy has finished reading ``host``."""
+    stream = tier.stream(device)
+    with torch.cuda.stream(stream):
+        out = torch.empty(host.numel(), dtype=torch.uint8, device=device)
+        out.copy_(host, non_blocking=host.is_pinned())
+        event = torch.cuda.Event()
+        event.record(stream)
+    # the caller's stream will use `out`: tell the caching allocator
+    out.record_stream(torch.cuda.current_stream(device))
+    if after is not None:
+        event.synchronize()
+        after()
+    return out, event
