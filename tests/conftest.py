@@ -48,3 +48,26 @@ def engine():
     )
     with AioEngine(cfg) as eng:
         yield eng
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 64 MiB ext4 filesystem, loop-mounted (needs root), for disk-full tests."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or not shutil.which("mkfs.ext4"):
+        pytest.skip("needs root and mkfs.ext4 to loop-mount a small filesystem")
+    image, mount = tmp_path / "fs.img", tmp_path / "mnt"
+    mount.mkdir()
+    subprocess.run(["truncate", "-s", "64M", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    proc = subprocess.run(
+        ["mount", "-o", "loop", str(image), str(mount)], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot loop-mount here: {proc.stderr.strip()}")
+    try:
+        yield str(mount)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -92,6 +92,8 @@ class PinnedPool:
     # -- allocation -------------------------------------------------------------------------
     def alloc(self, nbytes: int) -> torch.Tensor:
         """An aligned ``uint8`` view of ``nbytes``; raises CapacityError with the numbers."""
+        if nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)  # holds no pool memory; free() ignores it
         try:
             offset = self._arena.alloc(nbytes)
         except CapacityError as exc:
@@ -102,6 +104,8 @@ class PinnedPool:
         return view
 
     def free(self, view: torch.Tensor) -> None:
+        if view.numel() == 0:
+            return
         with self._lock:
             offset = self._live.pop(view.data_ptr(), None)
         if offset is None:

@@ -45,7 +45,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 def dtype_from_name(name: str) -> torch.dtype:
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
-        raise ConfigError(f"manifest names dtype {name!r}, which this torch {torch.__version__} lacks")
+        raise ConfigError(
+            f"manifest names dtype {name!r}, which this torch {torch.__version__} lacks"
+        )
     return dtype
 
 
@@ -76,6 +78,7 @@ class Entry:
     last_used: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
     busy: int = field(default=0, repr=False, compare=False)  # readers of the cpu copy
     retired: bool = field(default=False, repr=False, compare=False)  # replaced or deleted
+    loading: bool = field(default=False, repr=False, compare=False)  # a pinned load in flight
 
     @property
     def tiers(self) -> tuple[str, ...]:
@@ -129,7 +132,9 @@ def decode_body(raw: bytes, path: str) -> dict[str, Any]:
 def decode(raw: bytes, path: str) -> dict[str, Any]:
     doc = decode_body(raw, path)
     if doc.get("format") != FORMAT:
-        raise ConfigError(f"{path} is not an infinity store manifest (format {doc.get('format')!r})")
+        raise ConfigError(
+            f"{path} is not an infinity store manifest (format {doc.get('format')!r})"
+        )
     if int(doc.get("version", 0)) > FORMAT_VERSION:
         raise ConfigError(
             f"{path} was written by a newer infinity (format version {doc['version']}; this one "

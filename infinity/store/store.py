@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from infinity.config import format_size
 from infinity.errors import (
     CapacityError,
     ConfigError,
@@ -31,7 +32,6 @@ from infinity.errors import (
     IntegrityError,
     StorageIOError,
 )
-from infinity.config import format_size
 from infinity.io import AioEngine
 from infinity.io.aio import byte_view
 from infinity.io.fsinfo import MEMORY_FS, mount_of
@@ -107,7 +107,9 @@ class TieredStore:
             self._engine = AioEngine(config.aio)
             self.cpu = PinnedTier(config.pinned_bytes, self._lock)
             self.gpu = GpuTier(config.gpu_bytes, self._lock)
-            self._executor = ThreadPoolExecutor(config.io_threads, thread_name_prefix="infinity-store")
+            self._executor = ThreadPoolExecutor(
+                config.io_threads, thread_name_prefix="infinity-store"
+            )
         except BaseException:
             self._release_lock()
             raise
@@ -121,15 +123,32 @@ class TieredStore:
         if doc is None:
             if self.readonly:
                 raise ConfigError(f"no infinity store at {self.paths[0]} (no {mf.MANIFEST})")
-            doc = {"format": mf.FORMAT, "version": mf.FORMAT_VERSION, "store_id": uuid.uuid4().hex,
-                   "generation": 0, "files": ["data.bin"] * count, "entries": {}}
+            for i, path in enumerate(self.paths):
+                member_path = os.path.join(path, mf.MEMBER)
+                if os.path.exists(member_path):
+                    member = mf.decode_body(_read(member_path), member_path)
+                    raise ConfigError(
+                        f"{path} already holds stripe {member.get('index')} of store "
+                        f"{member.get('store_id')}, but was given as stripe {i} of a new store: "
+                        "pass the paths in the order the store was created with"
+                    )
+            doc = {
+                "format": mf.FORMAT,
+                "version": mf.FORMAT_VERSION,
+                "store_id": uuid.uuid4().hex,
+                "generation": 0,
+                "files": ["data.bin"] * count,
+                "entries": {},
+            }
             for i, path in enumerate(self.paths):
                 member = {"store_id": doc["store_id"], "index": i, "count": count}
                 mf.write_atomic(path, mf.MEMBER, mf.encode(member))
             mf.write_atomic(self.paths[0], mf.MANIFEST, mf.encode(doc))
         self._check_members(doc)
         self._store_id, self._generation = doc["store_id"], int(doc["generation"])
-        self._files = [os.path.join(p, name) for p, name in zip(self.paths, doc["files"], strict=True)]
+        self._files = [
+            os.path.join(p, name) for p, name in zip(self.paths, doc["files"], strict=True)
+        ]
         self._entries = {k: Entry.from_record(k, r) for k, r in doc["entries"].items()}
         self._space = SpaceMap(count, self.config.stripe_min_bytes)
         for entry in self._entries.values():
@@ -184,8 +203,15 @@ class TieredStore:
             raise
         with self._lock:
             old = self._entries.get(key)
-            entry = Entry(key, src.dtype, tuple(src.shape), raw.numel(), extents, checksum,
-                          old.version + 1 if old else 1)
+            entry = Entry(
+                key,
+                src.dtype,
+                tuple(src.shape),
+                raw.numel(),
+                extents,
+                checksum,
+                old.version + 1 if old else 1,
+            )
             if old is not None:
                 self._forget(old)
             self._entries[key] = entry
@@ -214,22 +240,29 @@ class TieredStore:
         if tier not in ("cpu", "gpu"):
             raise ConfigError(f"prefetch tier must be 'cpu' or 'gpu', got {tier!r}")
         keys = [keys] if isinstance(keys, str) else list(keys)
-        entries = [self._entry(k) for k in keys]
+        entries = list({k: self._entry(k) for k in keys}.values())
         dev = parse_device("cuda") if tier == "gpu" else None
-        futures = [
-            self._executor.submit(self._ensure_gpu if dev else self._ensure_cpu, e, *([dev] if dev else []))
-            for e in entries
-        ]
-        return _all_of(futures, len(keys))
+
+        def load_in_order() -> int:  # in order: the last keys are the ones left resident
+            for entry in entries:
+                if dev is None:
+                    self._ensure_cpu(entry)
+                else:
+                    self._ensure_gpu(entry, dev)
+            return len(entries)
+
+        return self._executor.submit(load_in_order)
 
     def evict(self, key: str, tier: str = "cpu") -> None:
         """Drop the copy of ``key`` held in ``tier``; the NVMe copy stays."""
         if tier not in ("cpu", "gpu"):
-            raise ConfigError(f"evict tier must be 'cpu' or 'gpu' (NVMe holds the data; use delete), got {tier!r}")
+            raise ConfigError(
+                f"evict tier must be 'cpu' or 'gpu' (NVMe holds the data: use delete), got {tier!r}"
+            )
         entry = self._entry(key)
         with self._lock:
-            if tier == "cpu" and entry.busy:
-                raise InfinityError(f"{key!r} is being read from the pinned tier; evict it later")
+            while tier == "cpu" and (entry.busy or entry.loading):  # readers finish first
+                self.cpu.changed.wait()
             (self.cpu if tier == "cpu" else self.gpu).drop(entry)
 
     def delete(self, key: str) -> None:
@@ -273,10 +306,14 @@ class TieredStore:
                         os.fsync(fd)
                     finally:
                         os.close(fd)
-            doc = {"format": mf.FORMAT, "version": mf.FORMAT_VERSION, "store_id": self._store_id,
-                   "generation": self._generation + 1,
-                   "files": [os.path.basename(f) for f in self._files],
-                   "entries": {k: e.to_record() for k, e in self._entries.items()}}
+            doc = {
+                "format": mf.FORMAT,
+                "version": mf.FORMAT_VERSION,
+                "store_id": self._store_id,
+                "generation": self._generation + 1,
+                "files": [os.path.basename(f) for f in self._files],
+                "entries": {k: e.to_record() for k, e in self._entries.items()},
+            }
             mf.write_atomic(self.paths[0], mf.MANIFEST, mf.encode(doc))
             self._generation += 1
             self._space.free(self._pending_free)
@@ -289,7 +326,9 @@ class TieredStore:
             s.keys = len(self._entries)
             s.gpu_bytes, s.pinned_bytes = self.gpu.used_bytes, self.cpu.used_bytes
             s.nvme_bytes = sum(e.nbytes for e in self._entries.values())
-            return StoreStats(**{k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(s).items()})
+            return StoreStats(
+                **{k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(s).items()}
+            )
 
     def close(self) -> None:
         if self._closed:
@@ -323,7 +362,9 @@ class TieredStore:
             raise InfinityError("the store is closed")
         entry = self._entries.get(key)
         if entry is None:
-            raise UnknownKeyError(f"no key {key!r} in store {self.paths[0]} ({len(self._entries)} keys)")
+            raise UnknownKeyError(
+                f"no key {key!r} in store {self.paths[0]} ({len(self._entries)} keys)"
+            )
         return entry
 
     def _forget(self, entry: Entry) -> None:
@@ -398,35 +439,44 @@ class TieredStore:
             if entry.busy == 0 and entry.retired and entry.cpu is not None:
                 self.cpu.pool.free(entry.cpu)
                 entry.cpu = None
+            self.cpu.changed.notify_all()
 
     def _ensure_cpu(self, entry: Entry, source: torch.Tensor | None = None) -> None:
         with self._lock:
+            while entry.loading and entry.cpu is None:  # another thread is loading it
+                self.cpu.changed.wait()
             if entry.cpu is not None:
                 touch(entry, "cpu")
                 self._stats.hits["cpu"] += 1
                 return
-            self._stats.misses["cpu"] += 1
-            view = self.cpu.allocate(entry)
-            entry.busy += 1  # nobody may drop the half-filled view
+            if source is None:
+                self._stats.misses["cpu"] += 1
+            entry.loading = True
+            try:
+                view = self.cpu.allocate(entry)
+            except BaseException:
+                entry.loading = False
+                self.cpu.changed.notify_all()
+                raise
+        ok = False
         try:
             if source is not None:
                 view.copy_(source)
             else:
                 self._load_bytes(entry, view)
-        except BaseException:
+            ok = True
+        finally:
             with self._lock:
-                entry.busy -= 1
-                self.cpu.pool.free(view)
-            raise
-        with self._lock:
-            entry.busy -= 1
-            if entry.cpu is None and not entry.retired:
-                self.cpu.admit(entry, view)
-            else:  # loaded twice concurrently, or replaced meanwhile
-                self.cpu.pool.free(view)
+                entry.loading = False
+                self.cpu.settle(entry, view, admit=ok and entry.cpu is None and not entry.retired)
 
-    def _ensure_gpu(self, entry: Entry, device: torch.device, source: torch.Tensor | None = None,
-                    admit: bool = True):
+    def _ensure_gpu(
+        self,
+        entry: Entry,
+        device: torch.device,
+        source: torch.Tensor | None = None,
+        admit: bool = True,
+    ):
         with self._lock:
             gpu = entry.gpu
             if gpu is not None and gpu.device == device:
@@ -496,15 +546,26 @@ def _check_directory(path: str, create: bool) -> None:
     if not os.path.isdir(path):
         parent = os.path.dirname(path)
         if not create or not os.path.isdir(parent):
-            raise StorageIOError(path, 0, 0, errno.ENOENT,
-                                 f"store directory does not exist (nor its parent {parent})"
-                                 if create else "store directory does not exist")
+            raise StorageIOError(
+                path,
+                0,
+                0,
+                errno.ENOENT,
+                f"store directory does not exist (nor its parent {parent})"
+                if create
+                else "store directory does not exist",
+            )
         os.mkdir(path)
     point, fstype, _ = mount_of(path)
     if fstype in MEMORY_FS and os.environ.get("INFINITY_ALLOW_TMPFS") != "1":
-        raise StorageIOError(path, 0, 0, errno.EINVAL,
-                             f"{point} is {fstype}: memory, not a disk; put the store on an NVMe "
-                             "drive (ext4 or xfs)")
+        raise StorageIOError(
+            path,
+            0,
+            0,
+            errno.EINVAL,
+            f"{point} is {fstype}: memory, not a disk; put the store on an NVMe "
+            "drive (ext4 or xfs)",
+        )
 
 
 def _take_lock(directory: str) -> int:
@@ -522,28 +583,3 @@ def _take_lock(directory: str) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
-
-
-def _all_of(futures: list[Future], count: int) -> Future:
-    """One future that resolves (to the number of keys) when all of ``futures`` have."""
-    done: Future = Future()
-    remaining = [len(futures)]
-    lock = threading.Lock()
-
-    def on_done(fut: Future) -> None:
-        with lock:
-            remaining[0] -= 1
-            last = remaining[0] == 0
-        if fut.exception() is not None and not done.done():
-            try:
-                done.set_exception(fut.exception())
-            except Exception:
-                pass
-        elif last and not done.done():
-            done.set_result(count)
-
-    if not futures:
-        done.set_result(0)
-    for fut in futures:
-        fut.add_done_callback(on_done)
-    return done

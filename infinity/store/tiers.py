@@ -44,7 +44,8 @@ class Tier:
 
     def victims(self, protect: Entry) -> list[Entry]:
         candidates = [
-            e for k, e in self.members.items()
+            e
+            for k, e in self.members.items()
             if e is not protect and k not in self.held and not (self.name == "cpu" and e.busy)
         ]
         return sorted(candidates, key=lambda e: e.last_used.get(self.name, 0), reverse=True)
@@ -67,19 +68,36 @@ class PinnedTier(Tier):
     def __init__(self, budget_bytes: int, lock: threading.RLock):
         super().__init__(budget_bytes, lock)
         self.pool = PinnedPool(budget_bytes) if budget_bytes else None
+        self.changed = threading.Condition(lock)  # a load finished or a reader let go
+        self.inflight = 0  # loads holding a view that is not admitted yet
 
     def allocate(self, entry: Entry) -> torch.Tensor:
-        """A pinned view for ``entry`` (caller holds the lock), dropping MRU copies as needed."""
+        """A pinned view for ``entry`` (caller holds the lock), dropping MRU copies as needed;
+        waits for loads and readers in flight before giving up."""
         if self.pool is None or entry.nbytes > self.budget_bytes:
             raise self.full_error(entry, "too large for the tier")
-        victims = self.victims(entry)
         while True:
             try:
-                return self.pool.alloc(entry.nbytes)
+                view = self.pool.alloc(entry.nbytes)
+                self.inflight += 1
+                return view
             except CapacityError:
-                if not victims:
+                victims = self.victims(entry)
+                if victims:
+                    self.drop(victims[0])
+                elif self.inflight or any(e.busy for e in self.members.values()):
+                    self.changed.wait(timeout=1.0)
+                else:
                     raise self.full_error(entry, "nothing left to drop") from None
-                self.drop(victims.pop(0))
+
+    def settle(self, entry: Entry, view: torch.Tensor, admit: bool) -> None:
+        """End of a load (caller holds the lock): admit the view or give it back."""
+        self.inflight -= 1
+        if admit:
+            self.admit(entry, view)
+        else:
+            self.pool.free(view)
+        self.changed.notify_all()
 
     def admit(self, entry: Entry, view: torch.Tensor) -> None:
         entry.cpu = view
@@ -141,8 +159,9 @@ class GpuTier(Tier):
             self.drop(entry)
 
 
-def copy_to_gpu(tier: GpuTier, host: torch.Tensor, device: torch.device,
-                after: Callable[[], None] | None = None):
+def copy_to_gpu(
+    tier: GpuTier, host: torch.Tensor, device: torch.device, after: Callable[[], None] | None = None
+):
     """Copy a pinned uint8 buffer to a new GPU tensor on the tier's copy stream.
 
     Returns (tensor, event). ``after`` runs once the copy has finished reading ``host``."""
