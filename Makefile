@@ -59,7 +59,8 @@ lint: $(STAMPS)/deps
 # every benchmark at a tiny size, so none of them rots
 bench-tiny: aio-op
 	@dir=$$(mktemp -d "$(CURDIR)/.run.XXXXXX"); trap 'rm -rf "$$dir"' EXIT; \
-	$(PY) bench/io.py --dir "$$dir" --size 8MiB --quick --json "$$dir/io.json"
+	$(PY) bench/io.py --dir "$$dir" --size 8MiB --quick --json "$$dir/io.json" && \
+	$(PY) bench/store.py --dir "$$dir" --tensors 4 --tensor-size 1MiB --repeats 1 --json "$$dir/store.json"
 
 clean:
 	rm -rf build $(STAMPS) infinity/_C*.so *.egg-info

@@ -10,27 +10,15 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 
 import torch
 
-from infinity import iobench, parse_size
-from infinity.info import collect
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import ROOT, git_sha  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def git_sha() -> str | None:
-    """HEAD of the checkout, or INFINITY_GIT_SHA where the tree was copied without .git."""
-    if os.environ.get("INFINITY_GIT_SHA"):
-        return os.environ["INFINITY_GIT_SHA"]
-    try:
-        return subprocess.run(
-            ["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+from infinity import iobench, parse_size  # noqa: E402
+from infinity.info import collect  # noqa: E402
 
 
 def main() -> None:

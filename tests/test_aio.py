@@ -241,3 +241,23 @@ def test_one_gib_plus_one(disk_dir):
         assert eng.read(out, path, 4097) == nbytes
     assert torch.equal(out, data)
     os.unlink(path)
+
+
+def test_concurrent_writes_extending_one_file(disk_dir):
+    """Disjoint ranges of one file written at once, each extending it, in any completion order."""
+    from infinity import AioConfig
+    from infinity.io import AioEngine
+
+    path = os.path.join(disk_dir, "shared.bin")
+    pieces = [(i * 3 * 4096, random_bytes(3 * 4096 - (i % 3) * 1000, i)) for i in range(24)]
+    with AioEngine(
+        AioConfig(lanes=4, bounce_buffer_bytes=64 * 1024, intra_op_parallelism=2)
+    ) as eng:
+        for fut in [eng.pwrite(t, path, off) for off, t in pieces]:
+            fut.result()
+        last_off, last = pieces[-1]
+        assert os.path.getsize(path) == last_off + last.numel()
+        for off, t in pieces:
+            out = torch.empty_like(t)
+            eng.read(out, path, off)
+            assert torch.equal(out, t), off

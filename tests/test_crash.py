@@ -40,9 +40,17 @@ def test_sigkill_during_writes_loses_nothing_flushed(disk_dir):
     rng = random.Random(1234)
     kills = 0
     for round_ in range(5):
-        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "crash_child.py"), store_dir,
-                                 log_path, str(round_)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                os.path.join(HERE, "crash_child.py"),
+                store_dir,
+                log_path,
+                str(round_),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         before = _count_done(log_path)
         deadline = time.time() + 240
         while time.time() < deadline:  # wait until this child has committed at least once

@@ -353,3 +353,12 @@ GOLDEN = (
     b'\\":[\\"data.bin\\"],\\"format\\":\\"infinity-store\\",\\"generation\\":3,\\"store_id\\":'
     b'\\"00000000000000000000000000000000\\",\\"version\\":1}", "checksum": "xxh3-64:0b67e16a327227c2"}\n'
 )
+
+
+def test_streaming_checksum_equals_one_shot():
+    data = torch.randint(0, 256, (1_000_003,), dtype=torch.uint8)
+    hasher = mf.Hasher()
+    for start in range(0, data.numel(), 65536):
+        hasher.update(data[start : start + 65536])
+    assert hasher.digest() == mf.checksum_bytes(data)
+    assert mf.checksum_bytes(data) != mf.checksum_bytes(data[1:])

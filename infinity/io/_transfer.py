@@ -195,11 +195,14 @@ def run_write(engine, lane, req) -> int:
                 _bounce_write(lane, req, fd, off + done, end, old)
             ok = True
         finally:
-            # O_DIRECT writes whole blocks and fallocate may round up: restore the exact length
-            # (or the old one when the write failed).
+            # fallocate and O_DIRECT round the file up to whole blocks: cut it back to the exact
+            # length (the old one if the write failed), unless another request has since made
+            # the file longer (its own end then rules). Check-and-cut is atomic per path.
             target = final if ok else old
-            if os.fstat(fd).st_size != target:
-                os.ftruncate(fd, target)
+            with engine.size_lock(path):
+                size = os.fstat(fd).st_size
+                if size != target and size == max(old, _up(end)):
+                    os.ftruncate(fd, target)
         return n
     finally:
         os.close(fd)

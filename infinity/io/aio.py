@@ -19,8 +19,8 @@ Call order of one request (``pread``/``pwrite``; ``read``/``write`` just wait on
    a file, which O_DIRECT cannot reach, uses an ordinary pread/pwrite of at most 4095 bytes.
 5. Every count DeepSpeed returns is checked; the future resolves to the number of bytes moved.
 
-Concurrent requests must not write the same 4 KiB block or extend the same file at once; the
-store serialises such writes by construction (aligned, preallocated extents).
+Concurrent requests may write disjoint ranges of one file, extending it in any order; they must
+not write the same 4 KiB block at once (the store's extents are block-aligned and disjoint).
 """
 
 from __future__ import annotations
@@ -156,6 +156,7 @@ class AioEngine:
         self._lanes_lock = threading.Lock()
         self._direct_ok: set[int] = set()  # st_dev values known to accept O_DIRECT
         self._executor = ThreadPoolExecutor(self.config.lanes, thread_name_prefix="infinity-aio")
+        self._size_locks: dict[str, threading.Lock] = {}
         self._closed = False
 
     # -- public API ---------------------------------------------------------------------------
@@ -257,6 +258,11 @@ class AioEngine:
                 "put the files on a real filesystem such as ext4 or xfs (not tmpfs or overlayfs)",
             ) from None
         self._direct_ok.add(dev)
+
+    def size_lock(self, path: str) -> threading.Lock:
+        """Serialises the end-of-write length fix-up of concurrent writes to one file."""
+        with self._lanes_lock:
+            return self._size_locks.setdefault(path, threading.Lock())
 
     def is_direct_buffer(self, lane: _Lane, buf: torch.Tensor) -> bool:
         """Whether DeepSpeed can DMA into ``buf`` without its own bounce copy."""
