@@ -38,7 +38,7 @@ $(STAMPS)/venv: $(STAMPS)/system
 # torch first (pinned, so that nothing pulls a different build), then DeepSpeed against it
 $(STAMPS)/deps: $(STAMPS)/venv Makefile
 	$(PIP) install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(PIP) install numpy psutil "click>=8" "rich>=13" "pybind11>=2.12" ninja setuptools wheel \
+	$(PIP) install numpy psutil "click>=8" "rich>=13" "xxhash>=3" "pybind11>=2.12" ninja setuptools wheel \
 	    "hypothesis>=6" "pytest>=8" ruff
 	$(PIP) install --no-build-isolation "$(DEEPSPEED_SPEC)"
 	@touch $@

@@ -17,6 +17,18 @@ from infinity.errors import (
 
 __version__ = "0.1.0"
 
+_LAZY = {"TieredStore": "infinity.store", "StoreConfig": "infinity.store"}
+
+
+def __getattr__(name: str):
+    """TieredStore and StoreConfig load torch: import them on first use, not with infinity."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'infinity' has no attribute {name!r}")
+
+
 __all__ = [
     "AioConfig",
     "AioUnavailableError",
@@ -25,6 +37,8 @@ __all__ = [
     "InfinityError",
     "IntegrityError",
     "StorageIOError",
+    "StoreConfig",
+    "TieredStore",
     "format_size",
     "parse_size",
 ]

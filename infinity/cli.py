@@ -162,6 +162,49 @@ def bench_io(directory, size_bytes, gpu, quick, full, repeats, json_path) -> Non
         click.echo(f"wrote {json_path}")
 
 
+@main.group()
+def store() -> None:
+    """Inspect and maintain a store."""
+
+
+@store.command("ls")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+def store_ls(paths) -> None:
+    """List keys with dtype, shape and size."""
+    from infinity.store import TieredStore
+
+    with TieredStore.open(list(paths), readonly=True) as s:
+        for key in sorted(s.keys()):
+            e = s.entry(key)
+            dtype = str(e.dtype).removeprefix("torch.")
+            click.echo(f"{key}\t{dtype}\t{list(e.shape)}\t{format_size(e.nbytes)}\tv{e.version}")
+        click.echo(f"{len(s)} keys, {format_size(s.stats().nvme_bytes)}")
+
+
+@store.command("fsck")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+def store_fsck(paths) -> None:
+    """Read every key back and check its checksum; exit 1 if any is damaged."""
+    from infinity.store import TieredStore
+
+    with TieredStore.open(list(paths), readonly=True) as s:
+        problems = s.fsck()
+        for key, problem in sorted(problems.items()):
+            click.echo(f"DAMAGED {key}: {problem}")
+        click.echo(f"{len(s) - len(problems)} of {len(s)} keys intact")
+    sys.exit(1 if problems else 0)
+
+
+@store.command("compact")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+def store_compact(paths) -> None:
+    """Give back the free space at the end of the data files."""
+    from infinity.store import TieredStore
+
+    with TieredStore.open(list(paths)) as s:
+        click.echo(f"released {format_size(s.compact())}")
+
+
 def run() -> None:
     try:
         main(standalone_mode=True)

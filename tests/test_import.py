@@ -81,3 +81,6 @@ def test_public_surface_is_small():
         "ConfigError",
     }
     assert len(infinity.__all__) <= 12
+    from infinity import StoreConfig, TieredStore
+
+    assert TieredStore.__module__ == "infinity.store.store" and StoreConfig().pinned_bytes > 0

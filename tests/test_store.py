@@ -351,7 +351,8 @@ GOLDEN = (
     b'{"body": "{\\"entries\\":{\\"w\\":{\\"checksum\\":\\"xxh3-64:0\\",\\"dtype\\":\\"bfloat16'
     b'\\",\\"extents\\":[[0,0,12]],\\"nbytes\\":12,\\"shape\\":[2,3],\\"version\\":1}},\\"files'
     b'\\":[\\"data.bin\\"],\\"format\\":\\"infinity-store\\",\\"generation\\":3,\\"store_id\\":'
-    b'\\"00000000000000000000000000000000\\",\\"version\\":1}", "checksum": "xxh3-64:0b67e16a327227c2"}\n'
+    b'\\"00000000000000000000000000000000\\",\\"version\\":1}", '
+    b'"checksum": "xxh3-64:0b67e16a327227c2"}\n'
 )
 
 
@@ -362,3 +363,32 @@ def test_streaming_checksum_equals_one_shot():
         hasher.update(data[start : start + 65536])
     assert hasher.digest() == mf.checksum_bytes(data)
     assert mf.checksum_bytes(data) != mf.checksum_bytes(data[1:])
+
+
+def test_cli_fsck_and_compact(store_dir):
+    from click.testing import CliRunner
+
+    from infinity.cli import main
+
+    with TieredStore.open(store_dir, small_config()) as s:
+        s.put("a", torch.randn(50_000))
+        s.put("b", torch.randn(50_000))
+        s.put("c", torch.randn(50_000))
+        s.flush()
+        s.delete("c")
+        s.flush()
+        ext = s._entries["b"].extents[0]
+    runner = CliRunner()
+    ok = runner.invoke(main, ["store", "fsck", store_dir])
+    assert ok.exit_code == 0 and "2 of 2 keys intact" in ok.output
+    listing = runner.invoke(main, ["store", "ls", store_dir])
+    assert "a\tfloat32\t[50000]" in listing.output and "2 keys" in listing.output
+    size = os.path.getsize(os.path.join(store_dir, "data.bin"))
+    compact = runner.invoke(main, ["store", "compact", store_dir])
+    assert compact.exit_code == 0, compact.output
+    assert os.path.getsize(os.path.join(store_dir, "data.bin")) < size
+    with open(os.path.join(store_dir, "data.bin"), "r+b") as f:
+        f.seek(ext.file_offset + 10)
+        f.write(b"\xff\xfe")
+    bad = runner.invoke(main, ["store", "fsck", store_dir])
+    assert bad.exit_code == 1 and "DAMAGED b" in bad.output and "1 of 2 keys intact" in bad.output

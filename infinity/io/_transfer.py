@@ -151,13 +151,30 @@ def _bounce_read(lane, req, fd: int, s: int, e: int, direct_end: int) -> None:
 
 
 # -- writes -------------------------------------------------------------------------------------
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
+def _release_beyond(fd: int, start: int, end: int) -> None:
+    """Give back blocks a failed reservation left past the old end of the file (ext4 keeps what
+    a failed fallocate managed to allocate, which would leave the disk full)."""
+    import ctypes
+
+    if end <= start:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE, start, end - start)
+
+
 def _reserve(fd: int, req, lo: int, hi: int) -> None:
     """Allocate the blocks first: DeepSpeed's handle would drop an ENOSPC on the floor."""
+    old = os.fstat(fd).st_size
     try:
         os.posix_fallocate(fd, lo, hi - lo)
     except OSError as exc:
         if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
             return
+        _release_beyond(fd, max(lo, _up(old)), hi)
         directory = os.path.dirname(os.path.abspath(req.path))
         detail = f"cannot reserve {hi - lo} bytes at offset {lo}: {exc.strerror}"
         if exc.errno == errno.ENOSPC:

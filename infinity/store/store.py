@@ -323,6 +323,39 @@ class TieredStore:
             self._pending_free = []
             self._dirty = False
 
+    def fsck(self) -> dict[str, str]:
+        """Read every key from NVMe and check its checksum and extents: {key: problem}."""
+        problems: dict[str, str] = {}
+        sizes = [os.path.getsize(f) if os.path.exists(f) else 0 for f in self._files]
+        for key in self.keys():
+            entry = self._entry(key)
+            short = [
+                e for e in entry.extents if e.nbytes and e.file_offset + e.nbytes > sizes[e.file]
+            ]
+            if short:
+                problems[key] = f"extent past the end of {self._files[short[0].file]}"
+                continue
+            try:
+                self._load_bytes(entry, torch.empty(entry.nbytes, dtype=torch.uint8))
+            except (IntegrityError, StorageIOError) as exc:
+                problems[key] = str(exc)
+        return problems
+
+    def compact(self) -> int:
+        """Flush, then give back the free space at the end of each data file; returns bytes
+        released. (Free space between extents is reused by later puts.)"""
+        self.flush()
+        released = 0
+        with self._lock:
+            for i, path in enumerate(self._files):
+                if os.path.exists(path):
+                    keep = self._space.high_water(i)
+                    size = os.path.getsize(path)
+                    if size > keep:
+                        os.truncate(path, keep)
+                        released += size - keep
+        return released
+
     def stats(self) -> StoreStats:
         with self._lock:
             s = self._stats
