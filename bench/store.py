@@ -51,7 +51,7 @@ def main() -> None:
     args = ap.parse_args()
     n, size = args.tensors, parse_size(args.tensor_size)
     total = n * size
-    aio = AioConfig()
+    aio = AioConfig(lanes=4)  # the store's default; the raw baseline gets the same
     root = os.path.join(args.dir, f"infinity-bench-store-{os.getpid()}")
     os.makedirs(root)
     raw_path = os.path.join(root, "raw.bin")

@@ -10,6 +10,13 @@ from infinity.config import AioConfig, _from_env, parse_size
 from infinity.errors import ConfigError
 
 
+def _store_aio() -> AioConfig:
+    """The store keeps 4 pieces in flight unless INFINITY_AIO_LANES says otherwise."""
+    import os
+
+    return AioConfig() if os.environ.get("INFINITY_AIO_LANES") else AioConfig(lanes=4)
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     """Budgets and behaviour of a TieredStore.
@@ -22,7 +29,7 @@ class StoreConfig:
 
     gpu_bytes: int = _from_env("INFINITY_GPU_BYTES", 0, int)
     pinned_bytes: int = _from_env("INFINITY_PINNED_BYTES", 256 << 20, int)
-    aio: AioConfig = field(default_factory=AioConfig)
+    aio: AioConfig = field(default_factory=lambda: _store_aio())
     verify_checksums: bool = _from_env("INFINITY_VERIFY_CHECKSUMS", True, bool)
     stripe_min_bytes: int = 4 << 20
     io_threads: int = 4

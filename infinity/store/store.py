@@ -43,7 +43,9 @@ from infinity.store.manifest import Entry
 from infinity.store.tiers import GpuTier, PinnedTier, copy_to_gpu, touch
 
 TIERS = ("gpu", "cpu", "nvme")
-PIECE_BYTES = 8 << 20  # I/O granule of a tensor: checksums overlap the rest of the I/O
+# I/O granules of a tensor. Reads: small enough that checksumming the last piece (the only
+# part not overlapped with I/O) is cheap. Writes: checksums overlap all of it, so big pieces.
+READ_PIECE_BYTES, WRITE_PIECE_BYTES = 16 << 20, 64 << 20
 
 
 class StoreLockedError(InfinityError):
@@ -415,16 +417,17 @@ class TieredStore:
         self._pending_free.extend(entry.extents)
 
     def _io(self, raw: torch.Tensor, extents: list[mf.Extent], write: bool, on_piece=None) -> None:
-        """Move ``raw`` to or from its extents in pieces of PIECE_BYTES, interleaved over the
+        """Move ``raw`` to or from its extents in pieces (READ_/WRITE_PIECE_BYTES), interleaved over the
         paths so that every drive works at once. ``on_piece(piece)`` runs in byte order on the
         calling thread while later pieces are still in flight (checksums overlap the I/O)."""
         start = time.perf_counter()
         plans, pos = [], 0
+        step = WRITE_PIECE_BYTES if write else READ_PIECE_BYTES
         for ext in extents:
             plans.append(
                 [
-                    (pos + o, ext.file, ext.file_offset + o, min(PIECE_BYTES, ext.nbytes - o))
-                    for o in range(0, ext.nbytes, PIECE_BYTES)
+                    (pos + o, ext.file, ext.file_offset + o, min(step, ext.nbytes - o))
+                    for o in range(0, ext.nbytes, step)
                 ]
             )
             pos += ext.nbytes
