@@ -417,9 +417,10 @@ class TieredStore:
         self._pending_free.extend(entry.extents)
 
     def _io(self, raw: torch.Tensor, extents: list[mf.Extent], write: bool, on_piece=None) -> None:
-        """Move ``raw`` to or from its extents in pieces (READ_/WRITE_PIECE_BYTES), interleaved
-        over the paths so that every drive works at once. ``on_piece(piece)`` runs in byte order on the
-        calling thread while later pieces are still in flight (checksums overlap the I/O)."""
+        """Move ``raw`` to or from its extents in pieces (READ_/WRITE_PIECE_BYTES),
+        interleaved over the paths so that every drive works at once. ``on_piece(piece)`` runs
+        in byte order on the calling thread while later pieces are still in flight, so that
+        checksums overlap the I/O."""
         start = time.perf_counter()
         plans, pos = [], 0
         step = WRITE_PIECE_BYTES if write else READ_PIECE_BYTES
