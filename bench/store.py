@@ -149,6 +149,7 @@ def main() -> None:
         "repeats": args.repeats,
         "aio": aio.to_dict(),
         "results": results,
+        "flush_s": flush_s,
         "store_stats": {
             "disk_read_gbps": stats.disk_read_gbps,
             "disk_write_gbps": stats.disk_write_gbps,
