@@ -100,6 +100,15 @@ def _env(name: str, default: Any, kind: type) -> Any:
         raise ConfigError(f"environment variable {name}={raw!r} is not a {kind.__name__}") from None
 
 
+def from_dict(cls, data: dict[str, Any]):
+    """Build the config dataclass ``cls`` from a dict, refusing unknown keys (typos)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(known)}")
+    return cls(**data)
+
+
 def _from_env(name: str, default: Any, kind: type):
     return field(default_factory=lambda: _env(name, default, kind))
 
@@ -168,11 +177,7 @@ class AioConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AioConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown AioConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**data)
+        return from_dict(cls, data)
 
     def deepspeed_section(self) -> dict[str, Any]:
         """This config as the ``aio`` section of a DeepSpeed config."""

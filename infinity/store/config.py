@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from infinity.config import AioConfig, _from_env, parse_size
+from infinity.config import AioConfig, _from_env, from_dict, parse_size
 from infinity.errors import ConfigError
 
 
@@ -53,11 +53,7 @@ class StoreConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StoreConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown StoreConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**data)
+        return from_dict(cls, data)
 
 
 @dataclass
