@@ -138,7 +138,9 @@ def bench_io(directory, size_bytes, gpu, quick, full, repeats, json_path) -> Non
         )
     table = Table(title=f"infinity bench io: {format_size(data['size_bytes'])}, cold, O_DIRECT")
     for col in ("op", "into", "system", "settings", "GB/s", "x best read"):
-        table.add_column(col, justify="right" if col in ("GB/s", "x best read") else "left")
+        table.add_column(
+            col, justify="right" if col in ("GB/s", "x best read") else "left", no_wrap=True
+        )
     for r in data["results"]:
         table.add_row(
             r["op"],
