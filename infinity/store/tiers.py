@@ -39,9 +39,6 @@ class Tier:
         self.held: set[str] = set()  # keys the residency plan keeps here
         self.lock = lock  # the store's lock
 
-    def copy_of(self, entry: Entry) -> torch.Tensor | None:
-        return getattr(entry, self.name)
-
     def victims(self, protect: Entry) -> list[Entry]:
         candidates = [
             e
