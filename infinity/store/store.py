@@ -200,7 +200,7 @@ class TieredStore:
             extents = self._space.allocate(raw.numel())
         hasher = mf.Hasher()
         try:
-            self._io(raw, extents, write=True, on_piece=hasher.update)
+            self._io(raw, extents, write=True, on_piece=lambda at, piece: hasher.update(piece))
             checksum = hasher.digest()
         except BaseException:
             with self._lock:
@@ -418,7 +418,7 @@ class TieredStore:
 
     def _io(self, raw: torch.Tensor, extents: list[mf.Extent], write: bool, on_piece=None) -> None:
         """Move ``raw`` to or from its extents in pieces (READ_/WRITE_PIECE_BYTES),
-        interleaved over the paths so that every drive works at once. ``on_piece(piece)`` runs
+        interleaved over the paths so that every drive works at once. ``on_piece(at, piece)`` runs
         in byte order on the calling thread while later pieces are still in flight, so that
         checksums overlap the I/O."""
         start = time.perf_counter()
@@ -443,7 +443,7 @@ class TieredStore:
                 if not write:
                     futures[at].result()
                 if on_piece is not None:
-                    on_piece(raw[at : at + n])
+                    on_piece(at, raw[at : at + n])
             for fut in futures.values():
                 fut.result()
         except BaseException:
@@ -459,12 +459,20 @@ class TieredStore:
                 self._stats.disk_read_bytes += raw.numel()
                 self._stats.disk_read_s += elapsed
 
-    def _load_bytes(self, entry: Entry, out: torch.Tensor) -> None:
+    def _load_bytes(self, entry: Entry, out: torch.Tensor, also=None) -> None:
+        """Read ``entry`` into ``out`` and check it; ``also(at, piece)`` sees each piece as soon
+        as it is in (and hashed), while later pieces are still being read."""
         if not self.config.verify_checksums:
-            self._io(out, entry.extents, write=False)
+            self._io(out, entry.extents, write=False, on_piece=also)
             return
         hasher = mf.Hasher()
-        self._io(out, entry.extents, write=False, on_piece=hasher.update)
+
+        def on_piece(at: int, piece: torch.Tensor) -> None:
+            hasher.update(piece)
+            if also is not None:
+                also(at, piece)
+
+        self._io(out, entry.extents, write=False, on_piece=on_piece)
         actual = hasher.digest()
         if actual != entry.checksum:
             files = sorted({self._files[e.file] for e in entry.extents})
@@ -500,14 +508,16 @@ class TieredStore:
                 entry.cpu = None
             self.cpu.changed.notify_all()
 
-    def _ensure_cpu(self, entry: Entry, source: torch.Tensor | None = None) -> None:
+    def _ensure_cpu(self, entry: Entry, source: torch.Tensor | None = None, also=None) -> bool:
+        """Make ``entry`` resident in the pinned tier; True when this call read it from disk
+        (then ``also`` saw every piece, see _load_bytes)."""
         with self._lock:
             while entry.loading and entry.cpu is None:  # another thread is loading it
                 self.cpu.changed.wait()
             if entry.cpu is not None:
                 touch(entry, "cpu")
                 self._stats.hits["cpu"] += 1
-                return
+                return False
             if source is None:
                 self._stats.misses["cpu"] += 1
             entry.loading = True
@@ -522,12 +532,13 @@ class TieredStore:
             if source is not None:
                 view.copy_(source)
             else:
-                self._load_bytes(entry, view)
+                self._load_bytes(entry, view, also)
             ok = True
         finally:
             with self._lock:
                 entry.loading = False
                 self.cpu.settle(entry, view, admit=ok and entry.cpu is None and not entry.retired)
+        return source is None
 
     def _ensure_gpu(
         self,
@@ -562,20 +573,38 @@ class TieredStore:
         return out, ready
 
     def _host_to_gpu(self, entry: Entry, device: torch.device):
-        """Pinned copy (loaded into the pinned tier if needed) -> GPU; pageable if it can't fit."""
+        """NVMe -> pinned tier -> GPU, each piece copied up as soon as it is read and hashed (the
+        copy overlaps the reads of later pieces); a pinned hit is one copy; pageable if the
+        pinned tier cannot fit the tensor."""
+        stream = self.gpu.stream(device)
+        with torch.cuda.stream(stream):
+            out = torch.empty(entry.nbytes, dtype=torch.uint8, device=device)
+        done = torch.cuda.Event()
+
+        def upload(at: int, piece: torch.Tensor) -> None:
+            with torch.cuda.stream(stream):
+                out[at : at + piece.numel()].copy_(piece, non_blocking=True)
+                done.record(stream)
+            done.synchronize()  # before the pinned view can be handed to anyone else
+
         try:
-            self._ensure_cpu(entry)
+            loaded = self._ensure_cpu(entry, also=upload)
         except CapacityError:
-            pass
+            staging = torch.empty(entry.nbytes, dtype=torch.uint8)
+            self._load_bytes(entry, staging)
+            return copy_to_gpu(self.gpu, staging, device)
+        if loaded:
+            out.record_stream(torch.cuda.current_stream(device))
+            return out, done
         with self._lock:
             view = entry.cpu
             if view is not None:
                 entry.busy += 1
-        if view is not None:
-            return copy_to_gpu(self.gpu, view, device, after=lambda: self._release_reader(entry))
-        staging = torch.empty(entry.nbytes, dtype=torch.uint8)
-        self._load_bytes(entry, staging)
-        return copy_to_gpu(self.gpu, staging, device)
+        if view is None:  # dropped again already: read it without the tier
+            staging = torch.empty(entry.nbytes, dtype=torch.uint8)
+            self._load_bytes(entry, staging)
+            return copy_to_gpu(self.gpu, staging, device)
+        return copy_to_gpu(self.gpu, view, device, after=lambda: self._release_reader(entry))
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
