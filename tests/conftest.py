@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import tempfile
 
@@ -35,17 +36,13 @@ def disk_dir(tmp_path):
 
 @pytest.fixture(scope="session")
 def engine():
-    from infinity import AioConfig
+    from store_helpers import SMALL_AIO
+
     from infinity.io import AioEngine
 
-    # small bounce chunks so that multi-chunk pipelines run on small tensors
-    cfg = AioConfig(
-        block_size_bytes=64 * 1024,
-        queue_depth=8,
-        intra_op_parallelism=4,
-        bounce_buffer_bytes=256 * 1024,
-        lanes=2,
-    )
+    # small bounce chunks so that multi-chunk pipelines run on small tensors; 4 threads so that
+    # the single-thread remainder handle is exercised too
+    cfg = dataclasses.replace(SMALL_AIO, intra_op_parallelism=4)
     with AioEngine(cfg) as eng:
         yield eng
 

@@ -410,8 +410,7 @@ class TieredStore:
         entry.retired = True
         self.gpu.drop(entry)
         if entry.busy:  # readers still copy from the view: the last one frees it
-            if self.cpu.members.pop(entry.key, None) is not None:
-                self.cpu.used_bytes -= entry.nbytes
+            self.cpu.leave(entry)
         else:
             self.cpu.drop(entry)
         self._pending_free.extend(entry.extents)

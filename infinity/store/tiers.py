@@ -50,6 +50,17 @@ class Tier:
     def drop(self, entry: Entry) -> None:
         raise NotImplementedError
 
+    def enter(self, entry: Entry) -> None:
+        """Count ``entry`` as resident here (caller holds the lock)."""
+        self.members[entry.key] = entry
+        self.used_bytes += entry.nbytes
+        touch(entry, self.name)
+
+    def leave(self, entry: Entry) -> None:
+        """Stop counting ``entry`` here (caller holds the lock); its copy is the caller's."""
+        if self.members.pop(entry.key, None) is not None:
+            self.used_bytes -= entry.nbytes
+
     def full_error(self, entry: Entry, what: str) -> CapacityError:
         return CapacityError(
             f"{self.name} tier cannot fit {entry.key!r} ({format_size(entry.nbytes)}): "
@@ -98,17 +109,14 @@ class PinnedTier(Tier):
 
     def admit(self, entry: Entry, view: torch.Tensor) -> None:
         entry.cpu = view
-        self.members[entry.key] = entry
-        self.used_bytes += entry.nbytes
-        touch(entry, self.name)
+        self.enter(entry)
 
     def drop(self, entry: Entry) -> None:
         if entry.cpu is None:
             return
         self.pool.free(entry.cpu)
         entry.cpu = None
-        self.members.pop(entry.key, None)
-        self.used_bytes -= entry.nbytes
+        self.leave(entry)
 
     def close(self) -> None:
         for entry in list(self.members.values()):
@@ -140,16 +148,13 @@ class GpuTier(Tier):
 
     def admit(self, entry: Entry, tensor: torch.Tensor, ready) -> None:
         entry.gpu, entry.gpu_ready = tensor, ready
-        self.members[entry.key] = entry
-        self.used_bytes += entry.nbytes
-        touch(entry, self.name)
+        self.enter(entry)
 
     def drop(self, entry: Entry) -> None:
         if entry.gpu is None:
             return
         entry.gpu, entry.gpu_ready = None, None  # callers' references keep their memory alive
-        self.members.pop(entry.key, None)
-        self.used_bytes -= entry.nbytes
+        self.leave(entry)
 
     def close(self) -> None:
         for entry in list(self.members.values()):
