@@ -6,7 +6,8 @@ Each store verb is timed against the engine making the same blocking calls on th
 put vs engine.write from the same CPU tensors (flush, i.e. fsync + manifest commit, timed apart),
 prefetch(tier="cpu") vs engine.read into pinned memory, get(device="cpu") vs engine.read into a
 new tensor, get(device="cuda") vs engine.read into a new GPU tensor. Page cache dropped before
-every read pass (root), O_DIRECT throughout, store checksums on. Overhead = store / raw - 1.
+every read pass (root), O_DIRECT throughout, store checksums on. Raw and store runs alternate
+(ABBA); overhead = median over the pairs of store / raw - 1.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import datetime
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 
@@ -46,7 +48,7 @@ def main() -> None:
     ap.add_argument("--dir", required=True)
     ap.add_argument("--tensors", type=int, default=16)
     ap.add_argument("--tensor-size", default="128MiB")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--json")
     args = ap.parse_args()
     n, size = args.tensors, parse_size(args.tensor_size)
@@ -61,24 +63,31 @@ def main() -> None:
     results: dict[str, dict] = {}
 
     def record(name, raw_fn, store_fn, before=None):
+        # Pairs run back to back, alternating which goes first (ABBA...), so that a drift of the
+        # disk's speed hits both sides alike; the overhead is the median of the pairs' ratios.
         raw_s, store_s = [], []
-        for _ in range(args.repeats):
-            for fn, out in ((raw_fn, raw_s), (store_fn, store_s)):
+        for rep in range(args.repeats):
+            pair = ((raw_fn, raw_s), (store_fn, store_s))
+            for fn, out in pair if rep % 2 == 0 else pair[::-1]:
                 if before is not None:
                     before()
                 out.append(timed(fn))
-        raw_med, store_med = sorted(raw_s)[len(raw_s) // 2], sorted(store_s)[len(store_s) // 2]
+        ratios = sorted(s / r for r, s in zip(raw_s, store_s, strict=True))
+        raw_med, store_med = statistics.median(raw_s), statistics.median(store_s)
         results[name] = {
             "raw_s": raw_s,
             "store_s": store_s,
             "raw_gbps": total / raw_med / 1e9,
             "store_gbps": total / store_med / 1e9,
-            "overhead": store_med / raw_med - 1,
+            "overhead": statistics.median(ratios) - 1,
+            "overhead_of_medians": store_med / raw_med - 1,
+            "pair_ratio_quartiles": statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [],
         }
         r = results[name]
         print(
             f"{name:22} raw {r['raw_gbps']:6.2f} GB/s  store {r['store_gbps']:6.2f} GB/s  "
-            f"overhead {r['overhead']:+.1%}",
+            f"overhead {r['overhead']:+.1%} (median of {len(ratios)} pairs; of medians "
+            f"{r['overhead_of_medians']:+.1%})",
             flush=True,
         )
 

@@ -1,7 +1,8 @@
 """The tiered tensor store."""
 
+from infinity.store._checks import StoreLockedError
 from infinity.store.config import StoreConfig, StoreStats
-from infinity.store.store import EntryInfo, StoreLockedError, TieredStore, UnknownKeyError
+from infinity.store.store import EntryInfo, TieredStore, UnknownKeyError
 
 __all__ = [
     "EntryInfo",

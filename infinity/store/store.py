@@ -12,8 +12,6 @@ Call order:
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import itertools
 import os
 import threading
@@ -35,8 +33,14 @@ from infinity.errors import (
 )
 from infinity.io import AioEngine
 from infinity.io.aio import byte_view
-from infinity.io.fsinfo import MEMORY_FS, mount_of
 from infinity.store import manifest as mf
+from infinity.store._checks import (
+    check_directory,
+    check_key,
+    parse_device,
+    read_file,
+    take_lock,
+)
 from infinity.store.config import StoreConfig, StoreStats
 from infinity.store.extents import SpaceMap
 from infinity.store.manifest import Entry
@@ -46,10 +50,6 @@ TIERS = ("gpu", "cpu", "nvme")
 # I/O granules of a tensor. Reads: small enough that checksumming the last piece (the only
 # part not overlapped with I/O) is cheap. Writes: checksums overlap all of it, so big pieces.
 READ_PIECE_BYTES, WRITE_PIECE_BYTES = 16 << 20, 64 << 20
-
-
-class StoreLockedError(InfinityError):
-    """Another process has the store open for writing."""
 
 
 class UnknownKeyError(InfinityError, KeyError):
@@ -66,23 +66,6 @@ class EntryInfo:
     tiers: tuple[str, ...]
     checksum: str
     version: int
-
-
-def parse_device(device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"{device!r} is not a device: use 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type != "cuda":
-        raise ConfigError(f"device {device!r} is not supported: use 'cpu', 'cuda' or 'cuda:N'")
-    if not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} asked, but torch sees no CUDA device")
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
-    if index >= torch.cuda.device_count():
-        raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA devices")
-    return torch.device("cuda", index)
 
 
 class TieredStore:
@@ -103,9 +86,9 @@ class TieredStore:
         self._lock_fd: int | None = None
         self._closed = True
         for path in self.paths:
-            _check_directory(path, create=not readonly)
+            check_directory(path, create=not readonly)
         if not readonly:
-            self._lock_fd = _take_lock(self.paths[0])
+            self._lock_fd = take_lock(self.paths[0])
         try:
             self._load()
             self._engine = AioEngine(config.aio)
@@ -130,7 +113,7 @@ class TieredStore:
             for i, path in enumerate(self.paths):
                 member_path = os.path.join(path, mf.MEMBER)
                 if os.path.exists(member_path):
-                    member = mf.decode_body(_read(member_path), member_path)
+                    member = mf.decode_body(read_file(member_path), member_path)
                     raise ConfigError(
                         f"{path} already holds stripe {member.get('index')} of store "
                         f"{member.get('store_id')}, but was given as stripe {i} of a new store: "
@@ -168,7 +151,7 @@ class TieredStore:
             )
         for i, path in enumerate(self.paths):
             member_path = os.path.join(path, mf.MEMBER)
-            member = mf.decode_body(_read(member_path), member_path)
+            member = mf.decode_body(read_file(member_path), member_path)
             if member.get("store_id") != doc["store_id"] or member.get("index") != i:
                 raise ConfigError(
                     f"{path} is stripe {member.get('index')} of store {member.get('store_id')}, "
@@ -180,7 +163,7 @@ class TieredStore:
     def put(self, key: str, tensor: torch.Tensor, tier: str = "nvme") -> None:
         """Store ``tensor`` under ``key`` (durable after ``flush``) and keep a copy in ``tier``."""
         self._writable()
-        _check_key(key)
+        check_key(key)
         if tier not in TIERS:
             raise ConfigError(f"tier must be one of {TIERS}, got {tier!r}")
         if not isinstance(tensor, torch.Tensor):
@@ -586,12 +569,15 @@ class TieredStore:
                 done.record(stream)
             done.synchronize()  # before the pinned view can be handed to anyone else
 
+        def via_pageable():  # the pinned tier cannot hold it (now): read without the tier
+            staging = torch.empty(entry.nbytes, dtype=torch.uint8)
+            self._load_bytes(entry, staging)
+            return copy_to_gpu(self.gpu, staging, device, out=out)
+
         try:
             loaded = self._ensure_cpu(entry, also=upload)
         except CapacityError:
-            staging = torch.empty(entry.nbytes, dtype=torch.uint8)
-            self._load_bytes(entry, staging)
-            return copy_to_gpu(self.gpu, staging, device)
+            return via_pageable()
         if loaded:
             out.record_stream(torch.cuda.current_stream(device))
             return out, done
@@ -599,11 +585,11 @@ class TieredStore:
             view = entry.cpu
             if view is not None:
                 entry.busy += 1
-        if view is None:  # dropped again already: read it without the tier
-            staging = torch.empty(entry.nbytes, dtype=torch.uint8)
-            self._load_bytes(entry, staging)
-            return copy_to_gpu(self.gpu, staging, device)
-        return copy_to_gpu(self.gpu, view, device, after=lambda: self._release_reader(entry))
+        if view is None:  # dropped again already
+            return via_pageable()
+        return copy_to_gpu(
+            self.gpu, view, device, after=lambda: self._release_reader(entry), out=out
+        )
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
@@ -614,59 +600,3 @@ class TieredStore:
 # -- helpers --------------------------------------------------------------------------------------
 def _typed(raw: torch.Tensor, entry: Entry) -> torch.Tensor:
     return raw.view(entry.dtype).reshape(entry.shape)
-
-
-def _check_key(key) -> None:
-    if not isinstance(key, str) or not key:
-        raise ConfigError(f"keys are non-empty strings, got {key!r}")
-
-
-def _read(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise ConfigError(f"{os.path.dirname(path)} is not part of an infinity store") from None
-
-
-def _check_directory(path: str, create: bool) -> None:
-    if not os.path.isdir(path):
-        parent = os.path.dirname(path)
-        if not create or not os.path.isdir(parent):
-            raise StorageIOError(
-                path,
-                0,
-                0,
-                errno.ENOENT,
-                f"store directory does not exist (nor its parent {parent})"
-                if create
-                else "store directory does not exist",
-            )
-        os.mkdir(path)
-    point, fstype, _ = mount_of(path)
-    if fstype in MEMORY_FS and os.environ.get("INFINITY_ALLOW_TMPFS") != "1":
-        raise StorageIOError(
-            path,
-            0,
-            0,
-            errno.EINVAL,
-            f"{point} is {fstype}: memory, not a disk; put the store on an NVMe "
-            "drive (ext4 or xfs)",
-        )
-
-
-def _take_lock(directory: str) -> int:
-    path = os.path.join(directory, mf.LOCK)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise StoreLockedError(
-            f"store {directory} is open for writing by another process (pid {holder}); close it "
-            "there, or open this one with readonly=True"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd

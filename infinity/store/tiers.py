@@ -162,14 +162,20 @@ class GpuTier(Tier):
 
 
 def copy_to_gpu(
-    tier: GpuTier, host: torch.Tensor, device: torch.device, after: Callable[[], None] | None = None
+    tier: GpuTier,
+    host: torch.Tensor,
+    device: torch.device,
+    after: Callable[[], None] | None = None,
+    out: torch.Tensor | None = None,
 ):
-    """Copy a pinned uint8 buffer to a new GPU tensor on the tier's copy stream.
+    """Copy a uint8 host buffer to a GPU tensor (``out``, or a new one) on the tier's copy
+    stream; asynchronous when ``host`` is pinned.
 
     Returns (tensor, event). ``after`` runs once the copy has finished reading ``host``."""
     stream = tier.stream(device)
     with torch.cuda.stream(stream):
-        out = torch.empty(host.numel(), dtype=torch.uint8, device=device)
+        if out is None:
+            out = torch.empty(host.numel(), dtype=torch.uint8, device=device)
         out.copy_(host, non_blocking=host.is_pinned())
         event = torch.cuda.Event()
         event.record(stream)
