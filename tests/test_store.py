@@ -356,13 +356,27 @@ GOLDEN = (
 )
 
 
-def test_streaming_checksum_equals_one_shot():
-    data = torch.randint(0, 256, (1_000_003,), dtype=torch.uint8)
-    hasher = mf.Hasher()
-    for start in range(0, data.numel(), 65536):
-        hasher.update(data[start : start + 65536])
-    assert hasher.digest() == mf.checksum_bytes(data)
-    assert mf.checksum_bytes(data) != mf.checksum_bytes(data[1:])
+def test_striped_multi_chunk_tensor_and_damage_in_a_split_chunk(disk_dir):
+    """40 MiB over two paths: the extents meet inside checksum chunk 1, so that chunk arrives in
+    two pieces from two files; damage in the second file is found."""
+    paths = [os.path.join(disk_dir, "a"), os.path.join(disk_dir, "b")]
+    t = torch.randint(0, 256, ((40 << 20) + 5,), dtype=torch.uint8)
+    with TieredStore.open(paths, small_config(pinned_bytes=64 << 20)) as s:
+        s.put("w", t)
+        extents = s._entries["w"].extents
+        assert [e.file for e in extents] == [0, 1] and 16 << 20 < extents[0].nbytes < 32 << 20
+        assert torch.equal(s.get("w"), t)
+        s.prefetch("w", tier="cpu").result()
+        assert torch.equal(s.get("w"), t)
+        second = extents[1]
+    with open(os.path.join(paths[1], "data.bin"), "r+b") as f:
+        f.seek(second.file_offset + 3)
+        byte = f.read(1)
+        f.seek(second.file_offset + 3)
+        f.write(bytes([byte[0] ^ 1]))
+    with TieredStore.open(paths, small_config(pinned_bytes=64 << 20)) as s:
+        with pytest.raises(IntegrityError, match=r"key 'w'.*b/data\.bin"):
+            s.get("w")
 
 
 def test_cli_fsck_and_compact(store_dir):

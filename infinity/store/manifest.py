@@ -32,27 +32,11 @@ LOCK = "LOCK"
 
 
 def checksum_bytes(data) -> str:
-    """xxh3-64 of a buffer (bytes, memoryview, numpy array, CPU uint8 tensor)."""
+    """xxh3-64 of a buffer (bytes, memoryview, numpy array, CPU uint8 tensor): the manifest's own
+    checksum (tensor data uses checksum.py)."""
     if isinstance(data, torch.Tensor):
         data = data.numpy() if data.numel() else b""
     return "xxh3-64:" + xxhash.xxh3_64_hexdigest(data)
-
-
-class Hasher:
-    """Streaming form of ``checksum_bytes``: same digest, fed piece by piece."""
-
-    def __init__(self) -> None:
-        self._h = xxhash.xxh3_64()
-
-    def update(self, piece) -> None:
-        if isinstance(piece, torch.Tensor):
-            if not piece.numel():
-                return
-            piece = piece.numpy()
-        self._h.update(piece)
-
-    def digest(self) -> str:
-        return "xxh3-64:" + self._h.hexdigest()
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -1,9 +1,10 @@
 """TieredStore: tensors by key over GPU memory, pinned CPU memory and NVMe.
 
 Call order:
-- ``put``: hash the bytes (xxh3) on the CPU, allocate fresh extents (copy-on-write), write them
-  through the aio engine, then (under the lock) swap the record in and keep a copy in the asked
-  tier. The replaced extents are freed only after the next manifest commit.
+- ``put``: allocate fresh extents (copy-on-write), write them through the aio engine while the
+  bytes are hashed (xxh3 per 16 MiB chunk, checksum.py), then (under the lock) swap the record
+  in and keep a copy in the asked tier. The replaced extents are freed only after the next
+  manifest commit.
 - ``get``/``prefetch``: GPU copy, else pinned copy, else read the extents from NVMe (aio), check
   the checksum, and copy pinned -> GPU on the tier's copy stream (the caller's stream waits on an
   event, so compute on the default stream overlaps the copy).
@@ -41,6 +42,7 @@ from infinity.store._checks import (
     read_file,
     take_lock,
 )
+from infinity.store.checksum import CHUNK_BYTES, ChunkHasher, scheme_of
 from infinity.store.config import StoreConfig, StoreStats
 from infinity.store.extents import SpaceMap
 from infinity.store.manifest import Entry
@@ -49,7 +51,7 @@ from infinity.store.tiers import GpuTier, PinnedTier, copy_to_gpu, touch
 TIERS = ("gpu", "cpu", "nvme")
 # I/O granules of a tensor. Reads: small enough that checksumming the last piece (the only
 # part not overlapped with I/O) is cheap. Writes: checksums overlap all of it, so big pieces.
-READ_PIECE_BYTES, WRITE_PIECE_BYTES = 16 << 20, 64 << 20
+READ_PIECE_BYTES, WRITE_PIECE_BYTES = CHUNK_BYTES, 64 << 20
 
 
 class UnknownKeyError(InfinityError, KeyError):
@@ -181,9 +183,9 @@ class TieredStore:
         raw = byte_view(host)
         with self._lock:
             extents = self._space.allocate(raw.numel())
-        hasher = mf.Hasher()
+        hasher = ChunkHasher(raw.numel())
         try:
-            self._io(raw, extents, write=True, on_piece=lambda at, piece: hasher.update(piece))
+            self._io(raw, extents, write=True, on_piece=hasher.update)
             checksum = hasher.digest()
         except BaseException:
             with self._lock:
@@ -398,28 +400,38 @@ class TieredStore:
             self.cpu.drop(entry)
         self._pending_free.extend(entry.extents)
 
-    def _io(self, raw: torch.Tensor, extents: list[mf.Extent], write: bool, on_piece=None) -> None:
-        """Move ``raw`` to or from its extents in pieces (READ_/WRITE_PIECE_BYTES),
+    def _io(
+        self,
+        raw: torch.Tensor,
+        extents: list[mf.Extent],
+        write: bool,
+        on_piece=None,
+        on_done=None,
+    ) -> None:
+        """Move ``raw`` to or from its extents in pieces of READ_/WRITE_PIECE_BYTES, cut at
+        multiples of that size in the tensor (so a read piece never crosses a checksum chunk),
         interleaved over the paths so that every drive works at once. ``on_piece(at, piece)`` runs
-        in byte order on the calling thread while later pieces are still in flight, so that
-        checksums overlap the I/O."""
+        in byte order on the calling thread while later pieces are still in flight;
+        ``on_done(at, piece)`` runs on the aio lane that finished the piece, in any order."""
         start = time.perf_counter()
         plans, pos = [], 0
         step = WRITE_PIECE_BYTES if write else READ_PIECE_BYTES
         for ext in extents:
+            cuts = [pos, *range((pos // step + 1) * step, pos + ext.nbytes, step), pos + ext.nbytes]
             plans.append(
                 [
-                    (pos + o, ext.file, ext.file_offset + o, min(step, ext.nbytes - o))
-                    for o in range(0, ext.nbytes, step)
+                    (a, ext.file, ext.file_offset + a - pos, b - a)
+                    for a, b in itertools.pairwise(cuts)
                 ]
             )
             pos += ext.nbytes
         op = self._engine.pwrite if write else self._engine.pread
-        futures = {}
+        futures, callbacks = {}, _Callbacks(on_done)
         for round_ in itertools.zip_longest(*plans):
             for piece in filter(None, round_):
                 at, file, file_offset, n = piece
                 futures[at] = op(raw[at : at + n], self._files[file], file_offset)
+                callbacks.attach(futures[at], at, raw[at : at + n])
         try:
             for at, _, _, n in sorted(p for plan in plans for p in plan):
                 if not write:
@@ -428,10 +440,10 @@ class TieredStore:
                     on_piece(at, raw[at : at + n])
             for fut in futures.values():
                 fut.result()
-        except BaseException:
+        finally:
             for fut in futures.values():  # no buffer may be reused under the disk
                 fut.exception()
-            raise
+            callbacks.wait()  # nor under a hash still running on a lane
         elapsed = time.perf_counter() - start
         with self._lock:
             if write:
@@ -443,18 +455,13 @@ class TieredStore:
 
     def _load_bytes(self, entry: Entry, out: torch.Tensor, also=None) -> None:
         """Read ``entry`` into ``out`` and check it; ``also(at, piece)`` sees each piece as soon
-        as it is in (and hashed), while later pieces are still being read."""
+        as it is in, while later pieces are still being read. The aio lanes hash each piece as
+        it completes (checksum.py), so the check costs no time after the last byte."""
         if not self.config.verify_checksums:
             self._io(out, entry.extents, write=False, on_piece=also)
             return
-        hasher = mf.Hasher()
-
-        def on_piece(at: int, piece: torch.Tensor) -> None:
-            hasher.update(piece)
-            if also is not None:
-                also(at, piece)
-
-        self._io(out, entry.extents, write=False, on_piece=on_piece)
+        hasher = ChunkHasher(entry.nbytes, scheme_of(entry.checksum))
+        self._io(out, entry.extents, write=False, on_piece=also, on_done=hasher.add)
         actual = hasher.digest()
         if actual != entry.checksum:
             files = sorted({self._files[e.file] for e in entry.extents})
@@ -598,5 +605,38 @@ class TieredStore:
 
 
 # -- helpers --------------------------------------------------------------------------------------
+class _Callbacks:
+    """Runs ``fn(at, piece)`` on the aio lane that completes each successful piece; ``wait``
+    returns once all have run and raises the first error one of them hit."""
+
+    def __init__(self, fn):
+        self.fn, self.pending, self.error = fn, 0, None
+        self.cond = threading.Condition()
+
+    def attach(self, future: Future, at: int, piece: torch.Tensor) -> None:
+        if self.fn is None:
+            return
+        with self.cond:
+            self.pending += 1
+        future.add_done_callback(lambda f: self._run(f, at, piece))
+
+    def _run(self, future: Future, at: int, piece: torch.Tensor) -> None:
+        try:
+            if future.exception() is None:
+                self.fn(at, piece)
+        except BaseException as exc:  # noqa: BLE001 (handed to the waiting thread)
+            self.error = self.error or exc
+        finally:
+            with self.cond:
+                self.pending -= 1
+                self.cond.notify_all()
+
+    def wait(self) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.pending == 0)
+        if self.error is not None:
+            raise self.error
+
+
 def _typed(raw: torch.Tensor, entry: Entry) -> torch.Tensor:
     return raw.view(entry.dtype).reshape(entry.shape)
