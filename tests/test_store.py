@@ -169,6 +169,10 @@ def test_corruption_is_detected(store_dir):
     with TieredStore.open(store_dir, small_config()) as s:
         with pytest.raises(IntegrityError, match=r"key 'w'.*data\.bin"):
             s.get("w")
+        s.put("ok", t)
+        with pytest.raises(IntegrityError, match=r"key 'w'"):  # a prefetch reports it too
+            s.prefetch(["ok", "w"], tier="cpu").result()
+        assert "cpu" in s.entry("ok").tiers and "cpu" not in s.entry("w").tiers
     with TieredStore.open(store_dir, small_config(verify_checksums=False)) as s:
         assert not torch.equal(s.get("w"), t)  # switched off: the damaged bytes come back
 

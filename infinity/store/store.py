@@ -18,6 +18,7 @@ import os
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,9 +50,10 @@ from infinity.store.manifest import Entry
 from infinity.store.tiers import GpuTier, PinnedTier, copy_to_gpu, touch
 
 TIERS = ("gpu", "cpu", "nvme")
-# I/O granules of a tensor. Reads: small enough that checksumming the last piece (the only
-# part not overlapped with I/O) is cheap. Writes: checksums overlap all of it, so big pieces.
-READ_PIECE_BYTES, WRITE_PIECE_BYTES = CHUNK_BYTES, 64 << 20
+# I/O granules of a tensor. Reads: the lane that reads a piece hashes it, so the hash of the last
+# piece is the only part not overlapped with I/O: keep that short. Writes: checksums overlap all.
+READ_PIECE_BYTES, WRITE_PIECE_BYTES = 2 * CHUNK_BYTES, 64 << 20
+PREFETCH_WINDOW = 2  # keys a prefetch reads at once
 
 
 class UnknownKeyError(InfinityError, KeyError):
@@ -98,6 +100,9 @@ class TieredStore:
             self.gpu = GpuTier(config.gpu_bytes, self._lock)
             self._executor = ThreadPoolExecutor(
                 config.io_threads, thread_name_prefix="infinity-store"
+            )
+            self._window = ThreadPoolExecutor(
+                PREFETCH_WINDOW * config.io_threads, thread_name_prefix="infinity-load"
             )
         except BaseException:
             self._release_lock()
@@ -233,12 +238,26 @@ class TieredStore:
         entries = list({k: self._entry(k) for k in keys}.values())
         dev = parse_device("cuda") if tier == "gpu" else None
 
-        def load_in_order() -> int:  # in order: the last keys are the ones left resident
-            for entry in entries:
-                if dev is None:
-                    self._ensure_cpu(entry)
-                else:
-                    self._ensure_gpu(entry, dev)
+        def load(entry: Entry) -> None:
+            if dev is None:
+                self._ensure_cpu(entry)
+            else:
+                self._ensure_gpu(entry, dev)
+
+        def load_in_order() -> int:
+            # PREFETCH_WINDOW keys in flight, so that one key's last pieces and checksum overlap
+            # the next key's reads; started in order (the last keys are the ones left resident)
+            window: deque[Future] = deque()
+            try:
+                for entry in entries:
+                    window.append(self._window.submit(load, entry))
+                    if len(window) >= PREFETCH_WINDOW:
+                        window.popleft().result()
+            finally:
+                errors = [f.exception() for f in window]  # wait for every load in flight
+            for error in errors:
+                if error is not None:
+                    raise error
             return len(entries)
 
         return self._executor.submit(load_in_order)
@@ -362,6 +381,7 @@ class TieredStore:
         finally:
             self._closed = True
             self._executor.shutdown(wait=True)
+            self._window.shutdown(wait=True)
             self.gpu.close()
             self.cpu.close()
             self._engine.close()
@@ -409,7 +429,7 @@ class TieredStore:
         on_done=None,
     ) -> None:
         """Move ``raw`` to or from its extents in pieces of READ_/WRITE_PIECE_BYTES, cut at
-        multiples of that size in the tensor (so a read piece never crosses a checksum chunk),
+        multiples of that size in the tensor (a multiple of checksum.CHUNK_BYTES),
         interleaved over the paths so that every drive works at once. ``on_piece(at, piece)`` runs
         in byte order on the calling thread while later pieces are still in flight;
         ``on_done(at, piece)`` runs on the aio lane that finished the piece, in any order."""
@@ -461,7 +481,7 @@ class TieredStore:
             self._io(out, entry.extents, write=False, on_piece=also)
             return
         hasher = ChunkHasher(entry.nbytes, scheme_of(entry.checksum))
-        self._io(out, entry.extents, write=False, on_piece=also, on_done=hasher.add)
+        self._io(out, entry.extents, write=False, on_piece=also, on_done=hasher.update)
         actual = hasher.digest()
         if actual != entry.checksum:
             files = sorted({self._files[e.file] for e in entry.extents})
