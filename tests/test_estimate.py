@@ -234,3 +234,27 @@ def test_cli_json_and_table(tmp_path):
 def test_cli_needs_exactly_one_model_source():
     res = CliRunner().invoke(main, ["estimate"])
     assert res.exit_code == 2 and "exactly one of --params and --model" in res.output
+
+
+def test_cli_bad_arguments_exit_2_with_the_fix():
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from infinity.cli import run; run()",
+            "estimate",
+            "--params",
+            "1e9",
+            "--gpus",
+            "3",
+            "--nodes",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 2
+    assert "error: --gpus 3 over --nodes 2" in res.stderr and "multiple of nodes" in res.stderr
