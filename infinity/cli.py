@@ -13,6 +13,8 @@ from infinity.errors import InfinityError
 
 
 def _size(ctx, param, value):
+    if value is None:
+        return None
     try:
         return parse_size(value)
     except InfinityError as exc:
@@ -205,6 +207,149 @@ def store_compact(paths) -> None:
 
     with TieredStore.open(list(paths)) as s:
         click.echo(f"released {format_size(s.compact())}")
+
+
+def _count(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        number = float(str(value).lower().rstrip("b")) * (
+            1e9 if str(value).lower().endswith("b") else 1
+        )
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: use a number such as 70e9 or 7B") from None
+    if number < 1 or number != int(number):
+        raise click.BadParameter(f"{value!r} is not a positive whole number of parameters")
+    return int(number)
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:,.2f} GB"
+
+
+@main.command()
+@click.option("--params", callback=_count, help="Parameter count, e.g. 70e9 or 7B.")
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Hugging Face config.json (Llama/Mistral/Qwen2-style shapes).",
+)
+@click.option("--gpus", default=1, show_default=True, help="GPUs in total.")
+@click.option("--nodes", default=1, show_default=True, help="Nodes (host/NVMe bytes are per node).")
+@click.option("--stage", type=click.Choice(["0", "1", "2", "3"]), help="Only this ZeRO stage.")
+@click.option("--offload", type=click.Choice(["none", "cpu", "nvme"]), help="Only this offload.")
+@click.option("--batch", type=int, help="Micro batch per GPU (with --seq: activations, KV cache).")
+@click.option("--seq", type=int, help="Sequence length.")
+@click.option("--flash-attention", is_flag=True, help="Attention scores are not stored.")
+@click.option(
+    "--dtype",
+    default="bf16",
+    show_default=True,
+    type=click.Choice(["fp32", "bf16", "fp16", "int8", "int4"]),
+    help="Inference weights.",
+)
+@click.option("--gpu-budget", callback=_size, help="Inference: GPU bytes for weights + KV cache.")
+@click.option("--host-budget", callback=_size, help="Inference from NVMe: host bytes for layers.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def estimate(
+    params,
+    model_path,
+    gpus,
+    nodes,
+    stage,
+    offload,
+    batch,
+    seq,
+    flash_attention,
+    dtype,
+    gpu_budget,
+    host_budget,
+    as_json,
+) -> None:
+    """Per-GPU, host and NVMe bytes for data parallelism, ZeRO-1/2/3, offload and inference."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from infinity.estimate import ModelSpec
+    from infinity.estimate import estimate as run_estimate
+
+    if (params is None) == (model_path is None):
+        raise click.UsageError("give exactly one of --params and --model")
+    spec = (
+        ModelSpec.from_params(params)
+        if model_path is None
+        else ModelSpec.from_hf_config(model_path)
+    )
+    result = run_estimate(
+        spec,
+        gpus=gpus,
+        nodes=nodes,
+        stages=(int(stage),) if stage else (0, 1, 2, 3),
+        offload=offload,
+        batch=batch,
+        seq=seq,
+        flash_attention=flash_attention,
+        dtype=dtype,
+        gpu_budget_bytes=gpu_budget,
+        host_budget_bytes=host_budget,
+    )
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    click.echo(
+        f"model: {spec.params:,} parameters ({spec.source}); {gpus} GPU(s) over {nodes} node(s). "
+        "GPU bytes per GPU, host and NVMe bytes per node; GB = 1e9 bytes."
+    )
+    table = Table(show_lines=False)
+    for col in ("term", "where", "formula", "bytes"):
+        table.add_column(col, justify="right" if col == "bytes" else "left")
+    for sc in result.scenarios:
+        table.add_section()
+        table.add_row(f"[bold]{sc.name}[/bold]", "", "", "")
+        for t in sc.terms:
+            table.add_row(t.name, t.device, t.formula, _gb(t.nbytes))
+        totals = ", ".join(
+            f"{d} {_gb(sc.total(d))}" for d in ("gpu", "host", "nvme") if sc.total(d)
+        )
+        table.add_row("[bold]total[/bold]", "", "", totals or "0")
+        if sc.kind == "training" and result.activations:
+            for mode in result.activations:
+                with_act = sc.total("gpu") + result.activation_bytes(mode)
+                table.add_row(f"  GPU with activations, {mode}", "gpu", "", _gb(with_act))
+    for mode, terms in result.activations.items():
+        table.add_section()
+        table.add_row(f"[bold]activations per GPU, {mode}[/bold]", "", "", "")
+        for t in terms:
+            table.add_row(t.name, t.device, t.formula, _gb(t.nbytes))
+    Console(width=200).print(table)
+    for note in result.notes:
+        click.echo(f"note: {note}")
+
+
+@main.command()
+@click.argument("config_path", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Hugging Face config.json, for the size-dependent checks.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def lint(config_path, model_path, as_json) -> None:
+    """Check a DeepSpeed config (JSON/HJSON); exit 0 clean, 1 warnings, 2 errors."""
+    from infinity.lint import exit_code
+    from infinity.lint import lint as run_lint
+
+    findings = run_lint(config_path, model_path)
+    if as_json:
+        click.echo(json.dumps([f.to_dict() for f in findings], indent=2))
+    else:
+        for f in findings:
+            click.echo(f"{f.level}: {f.path}: {f.message}\n  fix: {f.fix}")
+        errors = sum(f.level == "error" for f in findings)
+        click.echo(f"{config_path}: {errors} error(s), {len(findings) - errors} warning(s)")
+    sys.exit(exit_code(findings))
 
 
 def run() -> None:
