@@ -13,7 +13,7 @@ STAMPS      := .stamps
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 CSRC        := $(shell find csrc -name '*.cpp' -o -name '*.h') setup.py pyproject.toml
 
-.PHONY: run test build setup aio-op lint bench-tiny clean
+.PHONY: run test test-asan build setup aio-op lint bench-tiny clean
 
 run: aio-op
 	@dir=$$(mktemp -d "$(CURDIR)/.run.XXXXXX"); trap 'rm -rf "$$dir"' EXIT; \
@@ -52,6 +52,16 @@ aio-op: $(STAMPS)/build
 	@$(PY) -c "import infinity.io._deepspeed as d; d.load_aio()" 2>&1 | grep -v 'Setting accelerator' ; \
 	  exit $${PIPESTATUS[0]}
 
+# The C++ core built with AddressSanitizer + UBSan (into .asan/, next to a copy of the package)
+# and its tests run against it; python itself is not instrumented, so libasan is preloaded.
+test-asan: $(STAMPS)/deps
+	rm -rf .asan && mkdir -p .asan && cp -r infinity .asan/ && rm -f .asan/infinity/_C*.so
+	INFINITY_SANITIZE=1 $(PY) setup.py -q build_ext --build-lib .asan --build-temp .asan/tmp
+	cd .asan && ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	  LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libstdc++.so)" \
+	  ../$(PY) -m pytest -q -p no:cacheprovider -c ../pyproject.toml --rootdir .. \
+	  ../tests/test_arena.py ../tests/test_schedule.py
+
 lint: $(STAMPS)/deps
 	$(VENV)/bin/ruff check infinity tests bench
 	$(VENV)/bin/ruff format --check infinity tests bench
@@ -60,7 +70,8 @@ lint: $(STAMPS)/deps
 bench-tiny: aio-op
 	@dir=$$(mktemp -d "$(CURDIR)/.run.XXXXXX"); trap 'rm -rf "$$dir"' EXIT; \
 	$(PY) bench/io.py --dir "$$dir" --size 8MiB --quick --json "$$dir/io.json" && \
-	$(PY) bench/store.py --dir "$$dir" --tensors 4 --tensor-size 1MiB --repeats 1 --json "$$dir/store.json"
+	$(PY) bench/store.py --dir "$$dir" --tensors 4 --tensor-size 1MiB --repeats 1 --json "$$dir/store.json" && \
+	$(PY) bench/schedule.py --passes 5 --json "$$dir/schedule.json"
 
 clean:
-	rm -rf build $(STAMPS) infinity/_C*.so *.egg-info
+	rm -rf build .asan $(STAMPS) infinity/_C*.so *.egg-info

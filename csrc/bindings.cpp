@@ -1,7 +1,10 @@
 // pybind11 module infinity._C: the only file that knows about Python.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "infinity/arena.h"
+#include "infinity/planner.h"
+#include "infinity/scheduler.h"
 
 #ifndef INFINITY_SOURCE_HASH
 #define INFINITY_SOURCE_HASH "unknown"
@@ -12,7 +15,7 @@ using infinity::Arena;
 using infinity::ArenaStats;
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "infinity C++ core: pinned arena allocator (plain C++17)";
+  m.doc() = "infinity C++ core: pinned arena allocator, prefetch planner and scheduler (C++17)";
   m.attr("SOURCE_HASH") = INFINITY_SOURCE_HASH;
 
   // C++ CapacityError -> infinity.errors.CapacityError (a Python class with the numbers
@@ -53,4 +56,115 @@ PYBIND11_MODULE(_C, m) {
       .def("stats", &Arena::stats)
       .def_property_readonly("capacity_bytes", &Arena::capacity_bytes)
       .def_property_readonly("alignment", &Arena::alignment);
+
+  // -- planner and scheduler ----------------------------------------------------------------
+  using infinity::Action;
+  using infinity::Bandwidths;
+  using infinity::Plan;
+  using infinity::PlanInput;
+  using infinity::Scheduler;
+  using infinity::SimResult;
+
+  py::class_<Bandwidths>(m, "Bandwidths")
+      .def(py::init([](double disk_read, double disk_write, double h2d, double d2h) {
+             return Bandwidths{disk_read, disk_write, h2d, d2h};
+           }),
+           py::arg("disk_read"), py::arg("disk_write"), py::arg("h2d"), py::arg("d2h"))
+      .def_readonly("disk_read", &Bandwidths::disk_read)
+      .def_readonly("disk_write", &Bandwidths::disk_write)
+      .def_readonly("h2d", &Bandwidths::h2d)
+      .def_readonly("d2h", &Bandwidths::d2h);
+
+  py::class_<Plan>(m, "Plan")
+      .def_property_readonly("sizes", [](const Plan& p) { return p.input.sizes; })
+      .def_property_readonly("order", [](const Plan& p) { return p.input.order; })
+      .def_property_readonly("repeats", [](const Plan& p) { return p.input.repeats; })
+      .def_property_readonly("gpu_bytes", [](const Plan& p) { return p.input.gpu_bytes; })
+      .def_property_readonly("pinned_bytes", [](const Plan& p) { return p.input.pinned_bytes; })
+      .def_property_readonly("bandwidths", [](const Plan& p) { return p.input.bandwidths; })
+      .def_property_readonly("compute_s", [](const Plan& p) { return p.input.compute_s; })
+      .def_readonly("trace", &Plan::trace)
+      .def_readonly("source", &Plan::source)
+      .def_readonly("keep_gpu", &Plan::keep_gpu)
+      .def_readonly("keep_pinned", &Plan::keep_pinned)
+      .def_readonly("evict_gpu", &Plan::evict_gpu)
+      .def_readonly("evict_pinned", &Plan::evict_pinned)
+      .def_readonly("resident_gpu_list", &Plan::resident_gpu)
+      .def_readonly("resident_pinned_list", &Plan::resident_pinned)
+      .def_readonly("gpu_stream_bytes", &Plan::gpu_stream_bytes)
+      .def_readonly("pinned_stream_bytes", &Plan::pinned_stream_bytes)
+      .def_readonly("gpu_cache_bytes", &Plan::gpu_cache_bytes)
+      .def_readonly("pinned_cache_bytes", &Plan::pinned_cache_bytes)
+      .def_readonly("cyclic", &Plan::cyclic);
+
+  m.def(
+      "make_plan",
+      [](std::vector<uint64_t> sizes, std::vector<int32_t> order, uint32_t repeats,
+         uint64_t gpu_bytes, uint64_t pinned_bytes, const Bandwidths& bw,
+         std::vector<double> compute_s, int gpu_stream_buffers, int pinned_stream_buffers) {
+        PlanInput in{std::move(sizes), std::move(order), repeats, gpu_bytes, pinned_bytes, bw,
+                     std::move(compute_s), gpu_stream_buffers, pinned_stream_buffers};
+        py::gil_scoped_release release;
+        return infinity::make_plan(in);
+      },
+      py::arg("sizes"), py::arg("order"), py::arg("repeats"), py::arg("gpu_bytes"),
+      py::arg("pinned_bytes"), py::arg("bandwidths"), py::arg("compute_s"),
+      py::arg("gpu_stream_buffers") = -1, py::arg("pinned_stream_buffers") = -1);
+
+  py::class_<SimResult>(m, "SimResult")
+      .def_readonly("time_s", &SimResult::time_s)
+      .def_readonly("bound_s", &SimResult::bound_s)
+      .def_readonly("disk_read_bytes", &SimResult::disk_read_bytes)
+      .def_readonly("h2d_bytes", &SimResult::h2d_bytes)
+      .def_readonly("peak_gpu_bytes", &SimResult::peak_gpu_bytes)
+      .def_readonly("peak_pinned_bytes", &SimResult::peak_pinned_bytes)
+      .def_readonly("disk_busy_s", &SimResult::disk_busy_s)
+      .def_readonly("h2d_busy_s", &SimResult::h2d_busy_s)
+      .def_readonly("compute_s", &SimResult::compute_s)
+      .def_readonly("stall_s", &SimResult::stall_s)
+      .def_readonly("step_end_s", &SimResult::step_end_s);
+
+  m.def(
+      "simulate",
+      [](const Plan& p) {
+        py::gil_scoped_release release;
+        return infinity::simulate(p);
+      },
+      py::arg("plan"));
+
+  // Actions cross as tuples (id, kind, tensor, step, nbytes, cached): cheap to build and unpack.
+  auto as_tuples = [](const std::vector<Action>& actions) {
+    py::list out(actions.size());
+    for (size_t i = 0; i < actions.size(); ++i) {
+      const Action& a = actions[i];
+      out[i] = py::make_tuple(a.id, int(a.kind), a.tensor, a.step, a.nbytes, bool(a.cached));
+    }
+    return out;
+  };
+  py::class_<Scheduler>(m, "Scheduler")
+      .def(py::init<const Plan&>(), py::arg("plan"))
+      .def("start", [as_tuples](Scheduler& s) { return as_tuples(s.start()); })
+      .def("step", [as_tuples](Scheduler& s, int32_t t) { return as_tuples(s.step(t)); },
+           py::arg("tensor"))
+      .def("done", [as_tuples](Scheduler& s, int64_t id) { return as_tuples(s.done(id)); },
+           py::arg("action_id"))
+      .def("on_gpu", &Scheduler::on_gpu, py::arg("tensor"))
+      .def_property_readonly("position", &Scheduler::position)
+      .def("stats", [](const Scheduler& s) {
+        const auto& st = s.stats();
+        py::dict d;
+        d["steps"] = st.steps;
+        d["events"] = st.events;
+        d["divergences"] = st.divergences;
+        d["demand_fetches"] = st.demand_fetches;
+        d["reads"] = st.reads;
+        d["copies"] = st.copies;
+        d["gpu_hits"] = st.gpu_hits;
+        d["pinned_hits"] = st.pinned_hits;
+        d["gpu_used"] = st.gpu_used;
+        d["pinned_used"] = st.pinned_used;
+        d["peak_gpu"] = st.peak_gpu;
+        d["peak_pinned"] = st.peak_pinned;
+        return d;
+      });
 }

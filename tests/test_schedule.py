@@ -1,0 +1,184 @@
+"""The C++ planner and scheduler against the references in schedule_reference.py."""
+
+import random
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import given, settings
+from schedule_reference import Replay, optimal_disk_bytes
+
+from infinity import CapacityError, ConfigError
+from infinity.schedule import FROM_DISK, FROM_GPU, FROM_PINNED, Bandwidths, plan, simulate
+
+L = 1 << 30
+BW = Bandwidths(disk_read=1.6e9, disk_write=2.3e9, h2d=55e9, d2h=40e9)
+
+
+def test_issue_example_80_layers_4_scans():
+    """Pinned budget of half the layers, GPU of three: after the first scan about half of each
+    scan comes from disk, and the total is within 10% of the bound."""
+    p = plan([L] * 80, range(80), gpu_bytes=3 * L, pinned_bytes=40 * L, bandwidths=BW, repeats=4)
+    r = simulate(p)
+    later = (r.disk_read_bytes - 80 * L) / 3  # first scan reads everything
+    assert 0.45 * 80 * L <= later <= 0.55 * 80 * L
+    assert r.time_s <= 1.10 * r.bound_s
+    assert r.bound_s <= r.time_s
+    assert r.peak_gpu_bytes <= 3 * L and r.peak_pinned_bytes <= 40 * L
+    assert len(p.resident_gpu) + len(p.resident_pinned) >= 40 - 4  # minus the stream buffers
+    # spread over the pass, not a block at the front
+    assert max(p.resident_pinned) - min(p.resident_pinned) > 60
+
+
+def test_lru_would_miss_everything_this_keeps_a_subset():
+    p = plan([L] * 10, range(10), gpu_bytes=2 * L, pinned_bytes=6 * L, repeats=3)
+    later = list(p.source[10:])
+    gpu, pinned = len(p.resident_gpu), len(p.resident_pinned)
+    assert gpu + pinned >= 4  # 8 layers of budget, at most one stream buffer of 2 per tier
+    assert later.count(FROM_GPU) == 2 * gpu and later.count(FROM_PINNED) == 2 * pinned
+    assert later.count(FROM_DISK) == 2 * (10 - gpu - pinned)
+    assert set(p.source[:10]) == {FROM_DISK}
+
+
+def test_everything_fits_then_one_read_per_tensor():
+    p = plan([L, 2 * L, L], [0, 1, 2], gpu_bytes=20 * L, pinned_bytes=4 * L, repeats=5)
+    r = simulate(p)
+    assert r.disk_read_bytes == 4 * L and r.h2d_bytes <= 4 * L  # 0 when read straight to GPU
+    assert set(p.source[3:]) == {FROM_GPU}
+
+
+def test_compute_bound_trace_reaches_compute_time():
+    p = plan([L] * 8, range(8), gpu_bytes=2 * L, pinned_bytes=8 * L, compute_s=2.0, repeats=3)
+    r = simulate(p)
+    assert r.bound_s == pytest.approx(48.0)
+    assert r.time_s <= 1.05 * r.bound_s + L / BW.disk_read + L / BW.h2d  # plus the pipeline fill
+
+
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(CapacityError, match=r"does not fit the GPU budget .* raise it to at least"):
+        plan([L], [0], gpu_bytes=L - 1, pinned_bytes=2 * L)
+    tiny = plan([L], [0], gpu_bytes=L, pinned_bytes=10, repeats=2)  # no room to stage: direct
+    assert tiny.pinned_stream_bytes == 0  # one GPU buffer, nothing cached: read each pass
+    assert simulate(tiny).disk_read_bytes == 2 * L and simulate(tiny).peak_pinned_bytes == 0
+    with pytest.raises(ConfigError, match=r"order\[1\] = 5 is not a tensor id"):
+        plan([L], [0, 5], gpu_bytes=L, pinned_bytes=L)
+    with pytest.raises(ConfigError, match="compute_s has 1 entries"):
+        plan([L], [0, 0], gpu_bytes=L, pinned_bytes=L, compute_s=[1.0])
+    with pytest.raises(ConfigError, match="disk_read"):
+        Bandwidths(disk_read=0)
+    with pytest.raises(ConfigError, match="repeats"):
+        plan([L], [0], gpu_bytes=L, pinned_bytes=L, repeats=0)
+
+
+@st.composite
+def traces(draw, max_tensors=8, max_len=24):
+    n = draw(st.integers(1, max_tensors))
+    sizes = draw(st.lists(st.integers(1, 4), min_size=n, max_size=n))
+    order = draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=max_len))
+    largest = max(sizes[i] for i in order)
+    gpu = draw(st.integers(largest, 3 * largest + 4))
+    pinned = draw(st.integers(largest, 3 * largest + 6))
+    repeats = draw(st.integers(1, 3))
+    return sizes, order, gpu, pinned, repeats
+
+
+@settings(max_examples=300, deadline=None)
+@given(traces(), st.randoms(use_true_random=False))
+def test_random_traces_replay_cleanly_in_any_completion_order(case, rnd):
+    """Capacities hold, every access finds its tensor on the GPU, nothing is read or copied
+    into a tier that holds it, whatever order the transfers finish in."""
+    sizes, order, gpu, pinned, repeats = case
+    p = plan(sizes, order, gpu_bytes=gpu, pinned_bytes=pinned, repeats=repeats)
+    replay = Replay(
+        p,
+        pick=lambda inflight: rnd.randrange(len(inflight)),
+        during_compute=lambda n: rnd.randint(0, n),
+    )
+    replay.run(p.trace)
+    assert replay.peak_gpu <= gpu and replay.peak_pinned <= pinned
+
+
+@settings(max_examples=200, deadline=None)
+@given(traces(), st.lists(st.integers(0, 7), min_size=1, max_size=30), st.randoms())
+def test_divergent_steps_never_stall(case, steps, rnd):
+    """Steps that follow no plan (other tensors, other order, unknown ones) are still served."""
+    sizes, order, gpu, pinned, repeats = case
+    p = plan(sizes, order, gpu_bytes=gpu, pinned_bytes=pinned, repeats=repeats)
+    staging = p.pinned_stream_bytes or p.gpu_stream_bytes  # 0: read straight to the GPU
+    fits = [i for i, n in enumerate(sizes) if n <= min(p.gpu_stream_bytes, staging)]
+    other = [fits[s % len(fits)] for s in steps]
+    mixed = other + list(p.trace) + other
+    replay = Replay(
+        p,
+        pick=lambda inflight: rnd.randrange(len(inflight)),
+        during_compute=lambda n: rnd.randint(0, n),
+    )
+    replay.run(mixed)
+
+
+def test_unplanned_tensor_too_large_for_the_stream_buffers():
+    p = plan([L, 8 * L], [0], gpu_bytes=2 * L, pinned_bytes=2 * L)
+    replay = Replay(p)
+    with pytest.raises(CapacityError, match=r"tensor 1 .* exceeds the stream buffers"):
+        replay.run([0, 1])
+
+
+def test_divergence_resynchronises_instead_of_giving_up():
+    p = plan([L] * 10, range(10), gpu_bytes=3 * L, pinned_bytes=4 * L, repeats=1)
+    replay = Replay(p)
+    replay.run([0, 1, 2, 6, 7, 8, 9])  # skipped 3..5: carries on from 6 with prefetch
+    stats = replay.sched.stats()
+    assert stats["divergences"] == 1 and stats["demand_fetches"] == 0
+    assert replay.sched.position == 9
+    planned = [t for t, step in replay.reads if 0 <= step < 10]
+    assert sorted(planned) == sorted(set(planned))  # nothing read twice on the way
+    assert {6, 7, 8, 9} <= set(planned)
+    assert (0, 10) in replay.reads and (1, 11) in replay.reads  # the next pass, ahead
+
+
+@settings(max_examples=150, deadline=None)
+@given(traces(max_tensors=4, max_len=7))
+def test_disk_bytes_within_factor_of_the_optimum(case):
+    """Stated factor: the simulated disk bytes are at most 1.5x the exhaustive optimum for the
+    same cache capacities, plus one read of the largest tensor (2x when every transfer finishes
+    in issue order with nothing overlapping compute)."""
+    sizes, order, gpu, pinned, repeats = case
+    p = plan(sizes, order, gpu_bytes=gpu, pinned_bytes=pinned, repeats=min(repeats, 2))
+    if len(p.trace) > 12:
+        return
+    best = optimal_disk_bytes(sizes, list(p.trace), p.gpu_cache_bytes, p.pinned_cache_bytes)
+    r = simulate(p)
+    assert r.disk_read_bytes <= 1.5 * best + max(sizes)
+    replay = Replay(p, during_compute=lambda n: 0)
+    replay.run(p.trace)
+    in_trace = sum(sizes[t] for t, step in replay.reads if step < len(p.trace))
+    assert in_trace <= 2 * best + max(sizes)  # transfers finishing in the worst order
+
+
+def test_runtime_reads_stay_close_to_the_plan_on_a_large_random_trace():
+    """The scheduler decides from the actual state (a cache entry waits for its last reader
+    before its room is reused; meanwhile a fetch may go to a stream buffer and be read again),
+    so it can read more than the plan: by at most 25% under the simulated clock here, and 60%
+    when transfers finish in the worst order (all in flight, FIFO)."""
+    rnd = random.Random(7)
+    sizes = [rnd.randint(1, 8) << 20 for _ in range(50)]
+    order = [rnd.randrange(50) for _ in range(400)]
+    p = plan(sizes, order, gpu_bytes=40 << 20, pinned_bytes=120 << 20, repeats=2)
+    planned = sum(sizes[x] for x, src in zip(p.trace, p.source, strict=True) if src == FROM_DISK)
+    r = simulate(p)
+    assert planned <= r.disk_read_bytes <= 1.25 * planned
+    replay = Replay(p)
+    replay.run(p.trace)
+    read = sum(sizes[t] for t, step in replay.reads if step < len(p.trace))
+    assert planned <= read <= 1.6 * planned
+    assert r.peak_pinned_bytes <= 120 << 20 and r.peak_gpu_bytes <= 40 << 20
+
+
+def test_scheduler_rejects_unknown_ids_with_the_numbers():
+    from infinity.schedule import Scheduler
+
+    sched = Scheduler(plan([L] * 3, range(3), gpu_bytes=2 * L, pinned_bytes=2 * L))
+    sched.start()
+    with pytest.raises(ValueError, match=r"step\(7\): not a tensor id \(there are 3\)"):
+        sched.step(7)
+    with pytest.raises(ValueError, match=r"done\(99\): no such transfer in flight"):
+        sched.done(99)
