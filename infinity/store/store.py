@@ -50,9 +50,11 @@ from infinity.store.manifest import Entry
 from infinity.store.tiers import GpuTier, PinnedTier, copy_to_gpu, touch
 
 TIERS = ("gpu", "cpu", "nvme")
-# I/O granules of a tensor. Reads: the lane that reads a piece hashes it, so the hash of the last
-# piece is the only part not overlapped with I/O: keep that short. Writes: checksums overlap all.
-READ_PIECE_BYTES, WRITE_PIECE_BYTES = 2 * CHUNK_BYTES, 64 << 20
+# I/O granules of a tensor: big enough that DeepSpeed's handle, which splits a request over its
+# intra_op_parallelism threads, issues whole blocks (see _piece_bytes); a multiple of the
+# checksum chunk. Reads: the lane that reads a piece hashes it; prefetch overlaps one key's last
+# hash with the next key's reads. Writes: checksums overlap all of it.
+MIN_PIECE_BYTES = 2 * CHUNK_BYTES
 PREFETCH_WINDOW = 2  # keys a prefetch reads at once
 
 
@@ -108,6 +110,9 @@ class TieredStore:
             self._release_lock()
             raise
         self._stats = StoreStats()
+        aio = config.aio  # one full block per handle thread, rounded to whole checksum chunks
+        whole = aio.block_size_bytes * aio.intra_op_parallelism
+        self._piece_bytes = max(MIN_PIECE_BYTES, -(-whole // CHUNK_BYTES) * CHUNK_BYTES)
         self._closed = False
 
     # -- opening ------------------------------------------------------------------------------
@@ -428,14 +433,14 @@ class TieredStore:
         on_piece=None,
         on_done=None,
     ) -> None:
-        """Move ``raw`` to or from its extents in pieces of READ_/WRITE_PIECE_BYTES, cut at
+        """Move ``raw`` to or from its extents in pieces of ``_piece_bytes``, cut at
         multiples of that size in the tensor (a multiple of checksum.CHUNK_BYTES),
         interleaved over the paths so that every drive works at once. ``on_piece(at, piece)`` runs
         in byte order on the calling thread while later pieces are still in flight;
         ``on_done(at, piece)`` runs on the aio lane that finished the piece, in any order."""
         start = time.perf_counter()
         plans, pos = [], 0
-        step = WRITE_PIECE_BYTES if write else READ_PIECE_BYTES
+        step = self._piece_bytes
         for ext in extents:
             cuts = [pos, *range((pos // step + 1) * step, pos + ext.nbytes, step), pos + ext.nbytes]
             plans.append(
