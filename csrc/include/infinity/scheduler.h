@@ -5,7 +5,8 @@
 // It executes a Plan (planner.h) but decides from the actual state of each tensor, so when the
 // observed accesses diverge from the planned trace (another prompt length, MoE routing) it
 // re-synchronises on the next planned occurrence of the tensor asked for, or fetches an unplanned
-// tensor on demand, instead of switching prefetch off.
+// tensor on demand, instead of switching prefetch off. Not thread-safe: one executor thread (or a
+// lock) feeds it.
 #pragma once
 
 #include <cstdint>
