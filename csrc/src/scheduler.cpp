@@ -8,10 +8,10 @@
 #include "infinity/scheduler.h"
 
 #include <algorithm>
-
-#include "infinity/arena.h"  // CapacityError
 #include <stdexcept>
 #include <string>
+
+#include "infinity/arena.h"  // CapacityError
 
 namespace infinity {
 
