@@ -261,3 +261,21 @@ def test_concurrent_writes_extending_one_file(disk_dir):
             out = torch.empty_like(t)
             eng.read(out, path, off)
             assert torch.equal(out, t), off
+
+
+def test_first_writes_from_many_threads_do_not_deadlock(disk_dir):
+    """DeepSpeed 0.19.8 takes the GIL inside a call_once on its first write op while its
+    async_pwrite binding holds the GIL: concurrent first writes deadlocked about one process in
+    four before the engine serialised the first one. Ten fresh processes, each must finish."""
+    import subprocess
+    import sys
+
+    child = os.path.join(os.path.dirname(__file__), "first_writes_child.py")
+    for attempt in range(10):
+        try:
+            proc = subprocess.run(
+                [sys.executable, child, disk_dir], capture_output=True, text=True, timeout=120
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"process {attempt} hung in its first concurrent writes")
+        assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]

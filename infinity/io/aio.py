@@ -54,6 +54,24 @@ def byte_view(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(-1).view(torch.uint8)
 
 
+_first_write_lock = threading.Lock()
+_first_write_done = False
+
+
+def _first_write_guard(op, write: bool, *args) -> int:
+    """Serialise the process's first DeepSpeed write. DeepSpeed 0.19.8 logs a warning once
+    (std::call_once) when it builds its first write op, taking the GIL inside; its async_pwrite
+    binding keeps the GIL while it runs, so two lanes making their first write at once deadlock
+    (one holds the GIL and waits in call_once, the other holds call_once and waits for the GIL)."""
+    global _first_write_done
+    if not write or _first_write_done:
+        return op(*args)
+    with _first_write_lock:
+        rc = op(*args)
+        _first_write_done = True
+    return rc
+
+
 @dataclass
 class _Request:
     write: bool
@@ -100,7 +118,7 @@ class _Lane:
             if end == start:
                 continue
             op = handle.async_pwrite if write else handle.async_pread
-            rc = op(buf[start:end], path, file_offset + start)
+            rc = _first_write_guard(op, write, buf[start:end], path, file_offset + start)
             if rc != 0:
                 raise StorageIOError(
                     path,

@@ -434,15 +434,26 @@ class TieredStore:
         on_done=None,
     ) -> None:
         """Move ``raw`` to or from its extents in pieces of ``_piece_bytes``, cut at
-        multiples of that size in the tensor (a multiple of checksum.CHUNK_BYTES),
-        interleaved over the paths so that every drive works at once. ``on_piece(at, piece)`` runs
-        in byte order on the calling thread while later pieces are still in flight;
-        ``on_done(at, piece)`` runs on the aio lane that finished the piece, in any order."""
+        multiples of that size in the tensor (a multiple of checksum.CHUNK_BYTES); a read's last
+        ``_piece_bytes`` of each extent go in single chunks, so that the hash left after the last
+        byte arrives is one chunk's. Interleaved over the paths so that every drive works at once.
+        ``on_piece(at, piece)`` runs in byte order on the calling thread while later pieces are
+        still in flight; ``on_done(at, piece)`` runs on the aio lane that finished the piece."""
         start = time.perf_counter()
         plans, pos = [], 0
         step = self._piece_bytes
         for ext in extents:
-            cuts = [pos, *range((pos // step + 1) * step, pos + ext.nbytes, step), pos + ext.nbytes]
+            end = pos + ext.nbytes
+            fine = end if write else max(pos, (end - step) // CHUNK_BYTES * CHUNK_BYTES)
+            cuts = sorted(
+                {
+                    pos,
+                    *range((pos // step + 1) * step, fine, step),
+                    *range(max(fine, (pos // CHUNK_BYTES + 1) * CHUNK_BYTES), end, CHUNK_BYTES),
+                    fine,
+                    end,
+                }
+            )
             plans.append(
                 [
                     (a, ext.file, ext.file_offset + a - pos, b - a)
