@@ -62,7 +62,8 @@ def _first_write_guard(op, write: bool, *args) -> int:
     """Serialise the process's first DeepSpeed write. DeepSpeed 0.19.8 logs a warning once
     (std::call_once) when it builds its first write op, taking the GIL inside; its async_pwrite
     binding keeps the GIL while it runs, so two lanes making their first write at once deadlock
-    (one holds the GIL and waits in call_once, the other holds call_once and waits for the GIL)."""
+    (one holds the GIL and waits in call_once, the other holds call_once and waits for the GIL;
+    the lock inversion noted in the review of deepspeedai/DeepSpeed#8196)."""
     global _first_write_done
     if not write or _first_write_done:
         return op(*args)
