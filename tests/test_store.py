@@ -323,6 +323,8 @@ def test_disk_full_leaves_the_store_consistent(small_fs):
             s.put("huge", torch.ones(100_000_000, dtype=torch.uint8))  # 100 MB on a 64 MB disk
         assert info.value.errno == 28
         assert "huge" not in s
+        data = os.path.join(path, "data.bin")  # pieces that were written are given back too
+        assert os.stat(data).st_blocks * 512 < 16 << 20
         assert torch.equal(s.get("kept"), kept)
         s.put("small", torch.ones(10))  # the failed extents went back to the free space
     with TieredStore.open(path, small_config()) as s:

@@ -166,6 +166,17 @@ def _release_beyond(fd: int, start: int, end: int) -> None:
     libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE, start, end - start)
 
 
+def release_blocks(path: str, file_offset: int, nbytes: int) -> None:
+    """Give back the disk blocks of ``[file_offset, file_offset + nbytes)`` (a hole; the file
+    keeps its size). For data written by an operation that then failed, such as a put that ran
+    out of space halfway."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        _release_beyond(fd, file_offset, file_offset + nbytes)
+    finally:
+        os.close(fd)
+
+
 def _reserve(fd: int, req, lo: int, hi: int) -> None:
     """Allocate the blocks first: DeepSpeed's handle would drop an ENOSPC on the floor."""
     old = os.fstat(fd).st_size

@@ -34,6 +34,7 @@ from infinity.errors import (
     StorageIOError,
 )
 from infinity.io import AioEngine
+from infinity.io._transfer import release_blocks
 from infinity.io.aio import byte_view
 from infinity.store import manifest as mf
 from infinity.store._checks import (
@@ -54,7 +55,7 @@ TIERS = ("gpu", "cpu", "nvme")
 # intra_op_parallelism threads, issues whole blocks (see _piece_bytes); a multiple of the
 # checksum chunk. Reads: the lane that reads a piece hashes it; prefetch overlaps one key's last
 # hash with the next key's reads. Writes: checksums overlap all of it.
-MIN_PIECE_BYTES = 2 * CHUNK_BYTES
+MIN_PIECE_BYTES, WRITE_PIECE_BYTES = 2 * CHUNK_BYTES, 64 << 20
 PREFETCH_WINDOW = 2  # keys a prefetch reads at once
 
 
@@ -198,6 +199,11 @@ class TieredStore:
             self._io(raw, extents, write=True, on_piece=hasher.update)
             checksum = hasher.digest()
         except BaseException:
+            for ext in extents:  # what did get written would keep the disk full
+                try:
+                    release_blocks(self._files[ext.file], ext.file_offset, ext.nbytes)
+                except OSError:
+                    pass  # the put's own error is the one to report
             with self._lock:
                 self._space.free(extents)
             raise
@@ -441,7 +447,7 @@ class TieredStore:
         still in flight; ``on_done(at, piece)`` runs on the aio lane that finished the piece."""
         start = time.perf_counter()
         plans, pos = [], 0
-        step = self._piece_bytes
+        step = max(self._piece_bytes, WRITE_PIECE_BYTES) if write else self._piece_bytes
         for ext in extents:
             end = pos + ext.nbytes
             fine = end if write else max(pos, (end - step) // CHUNK_BYTES * CHUNK_BYTES)
