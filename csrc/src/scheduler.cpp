@@ -122,14 +122,31 @@ void Scheduler::evict(int32_t tensor, bool gpu) {
   if (std::find(live_.begin(), live_.end(), tensor) == live_.end()) live_.push_back(tensor);
 }
 
+// The plan's evictions at `step` for one tier, once however often the cursor retries it.
+void Scheduler::apply_evictions(bool gpu, int64_t step) {
+  int64_t& done_step = gpu ? evicted_gpu_step_ : evicted_pinned_step_;
+  if (done_step == step) return;
+  for (int32_t v : (gpu ? evict_gpu_at_ : evict_pinned_at_)[index(step)]) evict(v, gpu);
+  done_step = step;
+}
+
+// Whether a fetch for trace index `i` goes into the tier's cache: kCacheRoom when the plan
+// keeps it and it fits; kWaitForRoom when it will fit once the planned evictions' last readers
+// are done; kNoCacheRoom otherwise (the caller streams it).
+int Scheduler::cache_room(bool gpu, int64_t i, uint64_t size) const {
+  if (!(gpu ? plan_.keep_gpu : plan_.keep_pinned)[i]) return kNoCacheRoom;
+  const uint64_t used = gpu ? gpu_cache_used_ : pinned_cache_used_;
+  const uint64_t cap = gpu ? plan_.gpu_cache_bytes : plan_.pinned_cache_bytes;
+  if (used + size <= cap) return kCacheRoom;
+  return used - (gpu ? gpu_evicting_ : pinned_evicting_) + size <= cap ? kWaitForRoom
+                                                                      : kNoCacheRoom;
+}
+
 bool Scheduler::issue_read(int64_t step, std::vector<Action>& out) {
   const int64_t i = index(step);
   const int32_t x = plan_.trace[i];
   Tensor& t = tensors_[x];
-  if (evicted_pinned_step_ != step) {
-    for (int32_t v : evict_pinned_at_[i]) evict(v, false);
-    evicted_pinned_step_ = step;
-  }
+  apply_evictions(false, step);
   if (plan_.source[i] == kFromGpu && usable(x, true, step)) return true;
   if (usable(x, true, step) && t.gpu.owner == step) return true;  // already fetched for it
   if (usable(x, false, step)) {
@@ -138,10 +155,9 @@ bool Scheduler::issue_read(int64_t step, std::vector<Action>& out) {
   }
   if (t.pinned.state != kNone) return false;  // another step's copy: wait until it is freed
   const uint64_t size = plan_.input.sizes[x];
-  const bool keep = plan_.keep_pinned[i];
-  const bool cache = keep && pinned_cache_used_ + size <= plan_.pinned_cache_bytes;
-  if (keep && !cache && pinned_cache_used_ - pinned_evicting_ + size <= plan_.pinned_cache_bytes)
-    return false;  // the planned evictions make room once their last readers are done
+  const int room = cache_room(false, i, size);
+  if (room == kWaitForRoom) return false;
+  const bool cache = room == kCacheRoom;
   if (!cache && plan_.pinned_stream_bytes == 0) {
     // GPU buffers go to steps in order: a later step must not take the one an earlier copy needs
     return copy_cursor_ == step && read_to_gpu(step, out);
@@ -161,15 +177,11 @@ bool Scheduler::read_to_gpu(int64_t step, std::vector<Action>& out) {
   const int32_t x = plan_.trace[i];
   Tensor& t = tensors_[x];
   if (t.gpu.state != kNone) return false;  // another step's copy: wait until it is freed
-  if (evicted_gpu_step_ != step) {
-    for (int32_t v : evict_gpu_at_[i]) evict(v, true);
-    evicted_gpu_step_ = step;
-  }
+  apply_evictions(true, step);
   const uint64_t size = plan_.input.sizes[x];
-  const bool keep = plan_.keep_gpu[i];
-  const bool cache = keep && gpu_cache_used_ + size <= plan_.gpu_cache_bytes;
-  if (keep && !cache && gpu_cache_used_ - gpu_evicting_ + size <= plan_.gpu_cache_bytes)
-    return false;
+  const int room = cache_room(true, i, size);
+  if (room == kWaitForRoom) return false;
+  const bool cache = room == kCacheRoom;
   if (!cache && gpu_stream_used_ + size > plan_.gpu_stream_bytes) return false;
   t.gpu = Copy{kLoading, cache ? kCache : step, false};
   last_use_gpu_[x] = std::max(last_use_gpu_[x], step);
@@ -182,10 +194,7 @@ bool Scheduler::issue_copy(int64_t step, std::vector<Action>& out) {
   const int64_t i = index(step);
   const int32_t x = plan_.trace[i];
   Tensor& t = tensors_[x];
-  if (evicted_gpu_step_ != step) {
-    for (int32_t v : evict_gpu_at_[i]) evict(v, true);
-    evicted_gpu_step_ = step;
-  }
+  apply_evictions(true, step);
   if (usable(x, true, step)) {
     last_use_gpu_[x] = std::max(last_use_gpu_[x], step);
     return true;
@@ -196,10 +205,9 @@ bool Scheduler::issue_copy(int64_t step, std::vector<Action>& out) {
   }
   if (t.pinned.state != kReady || t.gpu.state != kNone) return false;
   const uint64_t size = plan_.input.sizes[x];
-  const bool keep = plan_.keep_gpu[i];
-  const bool cache = keep && gpu_cache_used_ + size <= plan_.gpu_cache_bytes;
-  if (keep && !cache && gpu_cache_used_ - gpu_evicting_ + size <= plan_.gpu_cache_bytes)
-    return false;  // as in issue_read
+  const int room = cache_room(true, i, size);
+  if (room == kWaitForRoom) return false;
+  const bool cache = room == kCacheRoom;
   if (!cache && gpu_stream_used_ + size > plan_.gpu_stream_bytes) return false;
   t.gpu = Copy{kLoading, cache ? kCache : step, false};
   last_use_gpu_[x] = std::max(last_use_gpu_[x], step);
