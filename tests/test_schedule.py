@@ -122,6 +122,22 @@ def test_unplanned_tensor_too_large_for_the_stream_buffers():
         replay.run([0, 1])
 
 
+def test_jump_onto_a_planned_eviction_frees_the_copy_at_once():
+    """Found by hypothesis: steps jump past the trace's end onto a step whose GPU admission waits
+    for a planned eviction whose last reader was skipped; nothing is in flight, so the scheduler
+    itself must give the copy back (it used to wait for an event that never came)."""
+    p = plan([1, 1, 1, 4], [0, 3, 0, 1, 1, 3], gpu_bytes=9, pinned_bytes=4, repeats=1)
+    assert p.evict_gpu, "the case needs a planned GPU eviction"
+    for seed in range(200):
+        rnd = random.Random(seed)
+        replay = Replay(
+            p,
+            pick=lambda inflight: rnd.randrange(len(inflight)),
+            during_compute=lambda n: rnd.randint(0, n),
+        )
+        replay.run([0, 0, 3, 0, 1, 1, 3, 0])
+
+
 def test_divergence_resynchronises_instead_of_giving_up():
     p = plan([L] * 10, range(10), gpu_bytes=3 * L, pinned_bytes=4 * L, repeats=1)
     replay = Replay(p)

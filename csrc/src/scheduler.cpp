@@ -122,12 +122,16 @@ void Scheduler::evict(int32_t tensor, bool gpu) {
   if (std::find(live_.begin(), live_.end(), tensor) == live_.end()) live_.push_back(tensor);
 }
 
-// The plan's evictions at `step` for one tier, once however often the cursor retries it.
-void Scheduler::apply_evictions(bool gpu, int64_t step) {
+// The plan's evictions at `step` for one tier, once however often the cursor retries it. A copy
+// whose last reader is already done is given back at once: no later event may come to do it
+// (after a jump nothing need be in flight).
+void Scheduler::apply_evictions(bool gpu, int64_t step, std::vector<Action>& out) {
   int64_t& done_step = gpu ? evicted_gpu_step_ : evicted_pinned_step_;
   if (done_step == step) return;
-  for (int32_t v : (gpu ? evict_gpu_at_ : evict_pinned_at_)[index(step)]) evict(v, gpu);
+  const auto& victims = (gpu ? evict_gpu_at_ : evict_pinned_at_)[index(step)];
+  for (int32_t v : victims) evict(v, gpu);
   done_step = step;
+  if (!victims.empty()) collect(out);
 }
 
 // Whether a fetch for trace index `i` goes into the tier's cache: kCacheRoom when the plan
@@ -146,7 +150,7 @@ bool Scheduler::issue_read(int64_t step, std::vector<Action>& out) {
   const int64_t i = index(step);
   const int32_t x = plan_.trace[i];
   Tensor& t = tensors_[x];
-  apply_evictions(false, step);
+  apply_evictions(false, step, out);
   if (plan_.source[i] == kFromGpu && usable(x, true, step)) return true;
   if (usable(x, true, step) && t.gpu.owner == step) return true;  // already fetched for it
   if (usable(x, false, step)) {
@@ -177,7 +181,7 @@ bool Scheduler::read_to_gpu(int64_t step, std::vector<Action>& out) {
   const int32_t x = plan_.trace[i];
   Tensor& t = tensors_[x];
   if (t.gpu.state != kNone) return false;  // another step's copy: wait until it is freed
-  apply_evictions(true, step);
+  apply_evictions(true, step, out);
   const uint64_t size = plan_.input.sizes[x];
   const int room = cache_room(true, i, size);
   if (room == kWaitForRoom) return false;
@@ -194,7 +198,7 @@ bool Scheduler::issue_copy(int64_t step, std::vector<Action>& out) {
   const int64_t i = index(step);
   const int32_t x = plan_.trace[i];
   Tensor& t = tensors_[x];
-  apply_evictions(true, step);
+  apply_evictions(true, step, out);
   if (usable(x, true, step)) {
     last_use_gpu_[x] = std::max(last_use_gpu_[x], step);
     return true;
