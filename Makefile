@@ -18,7 +18,7 @@ CSRC        := $(shell find csrc -name '*.cpp' -o -name '*.h') setup.py pyprojec
 run: aio-op
 	@dir=$$(mktemp -d "$(CURDIR)/.run.XXXXXX"); trap 'rm -rf "$$dir"' EXIT; \
 	$(VENV)/bin/infinity info --dir "$$dir" && \
-	$(VENV)/bin/infinity bench io --dir "$$dir" --size $(RUN_SIZE) --quick
+	$(PY) -m infinity.inference.demo --dir "$$dir"
 
 test: aio-op
 	$(PY) -m pytest -q
@@ -38,7 +38,7 @@ $(STAMPS)/venv: $(STAMPS)/system
 # torch first (pinned, so that nothing pulls a different build), then DeepSpeed against it
 $(STAMPS)/deps: $(STAMPS)/venv Makefile
 	$(PIP) install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(PIP) install numpy psutil "click>=8" "rich>=13" "xxhash>=3" "pybind11>=2.12" ninja setuptools wheel \
+	$(PIP) install numpy psutil "click>=8" "rich>=13" "xxhash>=3" "transformers>=4.45" "safetensors>=0.4" "accelerate>=0.30" "pybind11>=2.12" ninja setuptools wheel \
 	    "hypothesis>=6" "pytest>=8" ruff
 	$(PIP) install --no-build-isolation "$(DEEPSPEED_SPEC)"
 	@touch $@

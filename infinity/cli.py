@@ -352,6 +352,134 @@ def lint(config_path, model_path, as_json) -> None:
     sys.exit(exit_code(findings))
 
 
+@main.command("convert")
+@click.argument("hf_dir", type=click.Path(file_okay=False))
+@click.argument("store_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "fp32", "bf16", "fp16", "fp8"]),
+    help="auto keeps the checkpoint's; fp8: layer matrices float8_e4m3fn + per-row scales.",
+)
+@click.option(
+    "--nvme-path",
+    "nvme_paths",
+    multiple=True,
+    type=click.Path(file_okay=False),
+    help="Where the store's data goes (repeat to stripe over drives). Default: STORE_DIR/data.",
+)
+@click.option("--overwrite", is_flag=True, help="Discard an earlier conversion in STORE_DIR.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def convert_cmd(hf_dir, store_dir, dtype, nvme_paths, overwrite, as_json) -> None:
+    """Convert a Hugging Face safetensors checkpoint into a store (resumes if interrupted)."""
+    import time
+
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from infinity.inference import convert
+
+    written, started = [], []
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn())
+    bar = Progress(*columns, TransferSpeedColumn(), console=Console(stderr=True), transient=True)
+    start = time.perf_counter()
+    with bar:
+        task = bar.add_task("converting", total=None)
+
+        def progress(done: int, total: int, unit: str) -> None:
+            (written if unit else started).append((unit, time.perf_counter()))
+            bar.update(task, completed=done, total=total, description=unit or "writing")
+
+        layout = convert(
+            hf_dir, store_dir, dtype, list(nvme_paths) or None, progress, overwrite=overwrite
+        )
+    seconds = time.perf_counter() - start
+    sizes = {u.name: u.nbytes for u in layout.units}
+    written_bytes = sum(sizes[name] for name, _ in written)
+    write_s = written[-1][1] - started[0][1] if written else 0.0
+    summary = {
+        "store_dir": store_dir,
+        "architecture": layout.architecture,
+        "dtype": layout.dtype,
+        "compute_dtype": layout.compute_dtype,
+        "units": len(layout.units),
+        "layers": sum(u.layer is not None for u in layout.units),
+        "tensors": len(layout.tensors),
+        "stored_bytes": sum(sizes.values()),
+        "written_bytes": written_bytes,
+        "units_written": len(written),
+        "seconds": round(seconds, 3),
+        "write_seconds": round(write_s, 3),
+        "write_gbps": round(written_bytes / write_s / 1e9, 3) if write_s else 0.0,
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(
+        f"{store_dir}: {summary['architecture']}, {summary['units']} units "
+        f"({summary['layers']} layers), {summary['tensors']} tensors, "
+        f"{_gb(summary['stored_bytes'])} as {layout.dtype} (computes in {layout.compute_dtype})"
+    )
+    if not written:
+        click.echo("already converted: nothing written")
+        return
+    resumed = len(layout.units) - len(written)
+    click.echo(
+        f"wrote {_gb(written_bytes)} in {write_s:.1f} s ({summary['write_gbps']:.2f} GB/s); "
+        f"{seconds:.1f} s in all (reading the checkpoint's layout, opening the store)"
+        + (f"; resumed: {resumed} units were already stored" if resumed else "")
+    )
+
+
+@main.command("generate")
+@click.argument("store_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompt", required=True, help="The prompt (repeated for each batch row).")
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--device", default=None, help="cuda, cuda:N or cpu [default: cuda if present]")
+@click.option("--gpu-bytes", callback=_size, help="Device memory for weights [half the free].")
+@click.option("--pinned-bytes", callback=_size, help="Pinned RAM for weights [model, <= RAM/2].")
+@click.option(
+    "--granularity",
+    default="layer",
+    show_default=True,
+    type=click.Choice(["layer", "matrix"]),
+    help="Stream whole layers, or each weight matrix alone (less GPU memory).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def generate_cmd(store_dir, prompt, max_new_tokens, batch_size, device, gpu_bytes, pinned_bytes,
+                 granularity, as_json) -> None:  # fmt: skip
+    """Generate text with a converted model streamed from STORE_DIR; report where time went."""
+    import torch
+
+    from infinity.inference.generate import generate
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    result = generate(
+        store_dir, prompt, max_new_tokens, batch_size, device=device, gpu_bytes=gpu_bytes,
+        pinned_bytes=pinned_bytes, granularity=granularity,
+    )  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
+        return
+    for i, text in enumerate(result.texts):
+        click.echo(f"[{i}] {prompt}{text}")
+    s = result.stats
+    click.echo(
+        f"{result.batch_size} x {result.new_tokens} new tokens in {result.total_s:.2f} s: "
+        f"{result.tokens_per_s:.2f} tokens/s ({result.decode_tokens_per_s:.2f} after the first; "
+        f"first token {result.first_token_s:.2f} s)"
+    )
+    click.echo(
+        f"time: waiting for weights {s['stall_s']:.2f} s, the rest computing; disk "
+        f"{_gb(s['disk_bytes'])} in {s['disk_s']:.2f} s of reads, host->GPU {_gb(s['h2d_bytes'])}"
+        f" over {s['copies']} copies ({s['copy_s']:.2f} s); {s['steps']} steps; {s['plan']}"
+    )
+    if "peak_gpu_bytes" in s:
+        click.echo(f"peak GPU memory allocated: {_gb(s['peak_gpu_bytes'])}")
+
+
 def run() -> None:
     try:
         main(standalone_mode=True)

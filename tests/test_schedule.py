@@ -132,8 +132,8 @@ def test_jump_onto_a_planned_eviction_frees_the_copy_at_once():
         rnd = random.Random(seed)
         replay = Replay(
             p,
-            pick=lambda inflight: rnd.randrange(len(inflight)),
-            during_compute=lambda n: rnd.randint(0, n),
+            pick=lambda inflight, rnd=rnd: rnd.randrange(len(inflight)),
+            during_compute=lambda n, rnd=rnd: rnd.randint(0, n),
         )
         replay.run([0, 0, 3, 0, 1, 1, 3, 0])
 

@@ -1,0 +1,330 @@
+"""Measurement helpers of bench/forward.py: cold passes, bytes read, the machine's limits
+(disk read, pinned -> GPU), decode timing, and running a child process inside a memory cgroup."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import os
+import shutil
+import socket
+import statistics
+import time
+
+import torch
+
+GIB = 1 << 30
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1 << 10,
+    "KB": 1000,
+    "KIB": 1 << 10,
+    "M": 1 << 20,
+    "MB": 10**6,
+    "MIB": 1 << 20,
+    "G": GIB,
+    "GB": 10**9,
+    "GIB": GIB,
+    "T": 1 << 40,
+    "TB": 10**12,
+    "TIB": 1 << 40,
+}
+
+
+def parse_size(text) -> int:
+    """``"8GiB"``, ``"1.5GB"``, ``"4096"`` -> bytes (no import of infinity needed)."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().upper().replace(" ", "")
+    num = s.rstrip("KMGTIB")
+    return int(float(num) * _UNITS[s[len(num) :]])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_gpu(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def read_bytes() -> int | None:
+    """Bytes this process (all its threads) made the block layer read: O_DIRECT, aio, page
+    faults of mmaps and readahead alike; None where /proc/self/io is missing."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def drop_caches(paths: list[str]) -> str:
+    """Empty the page cache before a timed pass; returns how ("drop_caches" as root, else
+    "fadvise": POSIX_FADV_DONTNEED on every file under ``paths``, which needs no privilege)."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return "drop_caches"
+    except OSError:
+        pass
+    for top in paths:
+        for root, _, files in os.walk(top):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    fd = os.open(os.path.join(root, name), os.O_RDONLY)
+                    try:
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    finally:
+                        os.close(fd)
+    return "fadvise"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def timed_pass(fn, device: torch.device, cold_paths: list[str] | None) -> dict:
+    """One timed call of ``fn``: seconds, peak GPU memory, bytes read, how it was made cold."""
+    how = drop_caches(cold_paths) if cold_paths is not None else "warm"
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    before = read_bytes()
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    seconds = time.perf_counter() - start
+    after = read_bytes()
+    return {
+        "s": seconds,
+        "peak_gpu_bytes": peak_gpu(device),
+        "bytes_read": None if before is None or after is None else after - before,
+        "cache": how,
+    }
+
+
+def decode(model, vocab: int, batch: int, prompt: int, new_tokens: int, device) -> dict:
+    """``generate`` of ``new_tokens`` greedy tokens after a ``prompt``-token prompt; the time of
+    each step comes from a logits processor (called once per forward, after a device sync)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    stamps: list[float] = []
+
+    class Stamp(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            sync(device)
+            stamps.append(time.perf_counter())
+            return scores
+
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (batch, prompt), generator=gen).to(device)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            logits_processor=LogitsProcessorList([Stamp()]),
+        )
+    sync(device)
+    total = time.perf_counter() - start
+    steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    per_token = statistics.median(steps) if steps else None
+    return {
+        "kind": "decode",
+        "batch": batch,
+        "prompt_tokens": prompt,
+        "new_tokens": int(out.shape[1] - prompt),
+        "total_s": total,
+        "prefill_s": stamps[0] - start if stamps else None,
+        "step_s": steps,
+        "s": per_token,
+        "tokens_per_s": batch / per_token if per_token else None,
+        "peak_gpu_bytes": peak_gpu(device),
+    }
+
+
+def disk_read_gbps(files: list[str], limit: int, cold_paths: list[str]) -> dict:
+    """Cold O_DIRECT read of up to ``limit`` bytes of ``files``: infinity's AioEngine (DeepSpeed
+    aio, two 256 MiB requests in flight) where it loads, else plain O_DIRECT preads."""
+    cache = drop_caches(cold_paths)
+    plan, total = [], 0
+    for path in files:
+        size = os.path.getsize(path)
+        for off in range(0, size, 256 << 20):
+            n = min(256 << 20, size - off, limit - total)
+            if n <= 0:
+                break
+            plan.append((path, off, n))
+            total += n
+    try:
+        from infinity import AioConfig
+        from infinity.io import AioEngine, PinnedPool
+
+        pool = PinnedPool(2 * (256 << 20))
+        bufs = [pool.alloc(256 << 20) for _ in range(2)]
+        with AioEngine(AioConfig()) as eng:
+            start = time.perf_counter()
+            pending = []
+            for k, (path, off, n) in enumerate(plan):
+                if len(pending) == 2:
+                    pending.pop(0).result()
+                pending.append(eng.pread(bufs[k % 2][:n], path, off))
+            for fut in pending:
+                fut.result()
+            seconds = time.perf_counter() - start
+        for b in bufs:
+            pool.free(b)
+        pool.close()
+        method = "infinity AioEngine (DeepSpeed aio, O_DIRECT), 2 x 256 MiB in flight"
+    except Exception as exc:  # noqa: BLE001 - any failure: fall back, say why
+        method = f"Python O_DIRECT preads of 16 MiB (AioEngine unavailable: {exc!r:.200})"
+        cache = drop_caches(cold_paths)
+        seconds = _direct_read(plan)
+    return {
+        "gbps": total / seconds / 1e9,
+        "bytes": total,
+        "s": seconds,
+        "method": method,
+        "cache": cache,
+    }
+
+
+def _direct_read(plan) -> float:
+    buf = mmap.mmap(-1, 16 << 20)  # page-aligned, as O_DIRECT needs
+    start = time.perf_counter()
+    for path, off, n in plan:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+        try:
+            done = 0
+            while done < n:
+                got = os.preadv(fd, [buf], off + done)
+                if got <= 0:
+                    break
+                done += got
+        finally:
+            os.close(fd)
+    return time.perf_counter() - start
+
+
+def h2d_gbps(device: torch.device, nbytes: int = GIB, repeats: int = 5) -> dict | None:
+    """Pinned host -> GPU copy of one ``nbytes`` tensor: best and median of ``repeats``."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    del src, dst
+    torch.cuda.empty_cache()
+    return {
+        "gbps": nbytes / min(times) / 1e9,
+        "median_gbps": nbytes / statistics.median(times) / 1e9,
+        "bytes": nbytes,
+        "s": times,
+    }
+
+
+class Cgroup:
+    """A memory cgroup (v2 ``memory.max``, else v1 ``memory.limit_in_bytes``) for one child.
+
+    ``wrap(cmd)`` returns a command that moves itself into the cgroup and then execs ``cmd``, so
+    the child is capped from its first allocation; the cap covers its page cache too."""
+
+    def __init__(self, name: str, limit: int):
+        self.limit = limit
+        if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+            self.version, self.path = 2, f"/sys/fs/cgroup/{name}"
+            ctl = "/sys/fs/cgroup/cgroup.subtree_control"
+            with open(ctl) as f:
+                enabled = f.read().split()
+            if "memory" not in enabled:
+                with open(ctl, "w") as f:  # may fail (EBUSY) where processes sit at the root
+                    f.write("+memory")
+            os.makedirs(self.path, exist_ok=True)
+            self._write("memory.max", str(limit))
+            if os.path.exists(os.path.join(self.path, "memory.swap.max")):
+                self._write("memory.swap.max", "0")
+        elif os.path.isdir("/sys/fs/cgroup/memory"):
+            self.version, self.path = 1, f"/sys/fs/cgroup/memory/{name}"
+            os.makedirs(self.path, exist_ok=True)
+            self._write("memory.limit_in_bytes", str(limit))
+        else:
+            raise OSError("no cgroup memory controller at /sys/fs/cgroup")
+
+    def _write(self, name: str, value: str) -> None:
+        with open(os.path.join(self.path, name), "w") as f:
+            f.write(value)
+
+    def _read(self, name: str) -> str | None:
+        try:
+            with open(os.path.join(self.path, name)) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+    def wrap(self, cmd: list[str]) -> list[str]:
+        script = 'echo $$ > "$1/cgroup.procs" && shift && exec "$@"'
+        return ["sh", "-c", script, "sh", self.path, *cmd]
+
+    def stats(self) -> dict:
+        if self.version == 2:
+            peak, events = self._read("memory.peak"), self._read("memory.events")
+            ev = dict(line.split() for line in events.splitlines()) if events else {}
+            return {
+                "version": 2,
+                "path": self.path,
+                "limit_bytes": self.limit,
+                "peak_bytes": int(peak) if peak else None,
+                "events": ev,
+            }
+        peak = self._read("memory.max_usage_in_bytes")
+        return {
+            "version": 1,
+            "path": self.path,
+            "limit_bytes": self.limit,
+            "peak_bytes": int(peak) if peak else None,
+            "failcnt": self._read("memory.failcnt"),
+        }
+
+    def remove(self) -> None:
+        for _ in range(50):  # the kernel frees a cgroup a moment after its last process exits
+            try:
+                os.rmdir(self.path)
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
+def write_json(path: str, data: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def remove(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,131 @@
+"""infinity in bench/forward.py: convert the synthetic checkpoint into our store, then time
+forward passes streamed from it (``infinity.inference.load``) over a sweep of pinned budgets,
+and an fp8 store. Any failure is recorded in the result and the bench goes on."""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+import traceback
+from functools import partial
+
+import torch
+from _measure import GIB, parse_size, remove
+from _peers import _decode_rows, forward_fn
+from _synth import dir_bytes
+
+
+def _stats(model) -> dict:
+    s = model.infinity.stats()
+    if not isinstance(s, dict):
+        s = s._asdict() if hasattr(s, "_asdict") else dict(vars(s))
+    return {k: v for k, v in s.items() if isinstance(v, int | float | str | bool | None)}
+
+
+def _convert(ctx, convert, dtype: str) -> str:
+    store = os.path.join(ctx.work, f"infinity-store-{dtype}")
+    remove(store)
+    start = time.perf_counter()
+    convert(ctx.ckpt, store, dtype=dtype, nvme_paths=None)
+    info = {"s": time.perf_counter() - start, "store_bytes": dir_bytes(store)}
+    ctx.result.setdefault("info", {})[f"convert_{dtype}"] = info
+    gb = info["store_bytes"] / 1e9
+    ctx.log(f"infinity: converted to {dtype} in {info['s']:.1f} s, {gb:.2f} GB")
+    ctx.disk(f"after convert {dtype}")
+    ctx.save()
+    return store
+
+
+def _configs(ctx) -> list[tuple[str, float | None, int]]:
+    """(label, fraction of the layers kept pinned or None for pure streaming, pinned bytes)."""
+    L, W = ctx.shape.layer_bytes, ctx.shape.weight_bytes
+    out = [("all streaming (pinned = 2 layers)", None, 2 * L)]
+    out += [
+        (f"pinned {f:g} of the layers + 2 layers", f, int(f * W) + 2 * L)
+        for f in ctx.args.pinned_fractions
+    ]
+    return out
+
+
+def _run_config(ctx, load, store, label, frac, pinned, weight_bytes, decode: bool, dtype: str):
+    L = ctx.shape.layer_bytes if dtype == "bf16" else ctx.shape.layer_bytes // 2
+    gpu = ctx.gpu_bytes
+    ctx.drop()
+    start = time.perf_counter()
+    model = load(
+        store, device=str(ctx.device), gpu_bytes=gpu, pinned_bytes=pinned, granularity="layer"
+    )
+    load_s = time.perf_counter() - start
+    fwd = None
+    try:
+        model.eval()
+        ids = ctx.ids(1)
+        fwd = forward_fn(model, ids)
+        fields = {
+            "weight_bytes": weight_bytes,
+            "pinned_bytes": pinned,
+            "gpu_bytes": gpu,
+            "c_ram_bytes": max(0, min(weight_bytes, pinned - 2 * L)),
+            "load_s": load_s,
+            "pinned_fraction": frac or 0.0,
+            "dtype": dtype,
+        }
+        with torch.no_grad():
+            ctx.passes(
+                f"infinity {dtype}, {label}",
+                fwd,
+                ctx.args.passes,
+                steady=True,
+                stats=partial(_stats, model),
+                **fields,
+            )
+            if decode:
+                _decode_rows(ctx, f"infinity {dtype}, {label}", model, **fields)
+    finally:
+        model.infinity.close()
+        del model, fwd
+        gc.collect()
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def run_infinity(ctx) -> None:
+    try:
+        from infinity.inference import convert, load
+    except Exception as exc:  # noqa: BLE001 - recorded; the peers still run
+        ctx.result.update(status="error", error=f"import infinity.inference: {exc!r}")
+        ctx.result["errors"].append({"where": "import", "error": repr(exc)})
+        return
+    shape, a, cap = ctx.shape, ctx.args, ctx.mem_cap
+    configs = _configs(ctx)
+    allowed = configs
+    if cap is not None:  # the pinned tier is charged to the cgroup: leave room for the rest
+        room = cap - min(parse_size(a.cap_headroom), cap // 3)
+        allowed = [c for c in configs if c[2] <= room]
+        for label, _, pinned in configs[len(allowed) :]:
+            ctx.note(
+                f"infinity: '{label}' skipped: pinned {pinned / GIB:.2f} GiB > "
+                f"{room / GIB:.2f} GiB (memory cap {cap / GIB:.2f} GiB less headroom)"
+            )
+    for dtype in a.infinity_dtypes:
+        if dtype == "bf16":
+            todo, w = allowed, shape.weight_bytes
+        else:  # one cold streaming config: half the bytes of bf16 (scales not counted)
+            todo, w = [(configs[0][0], None, shape.layer_bytes)], shape.weight_bytes // 2
+        if not todo:
+            continue
+        try:
+            store = _convert(ctx, convert, dtype)
+        except Exception as exc:  # noqa: BLE001
+            ctx.error(f"convert {dtype}", exc, traceback.format_exc())
+            continue
+        for k, (label, frac, pinned) in enumerate(todo):
+            decode = dtype == "bf16" and k == len(todo) - 1  # the most pinned config
+            try:
+                _run_config(ctx, load, store, label, frac, pinned, w, decode, dtype)
+            except Exception as exc:  # noqa: BLE001
+                ctx.error(f"infinity {dtype}, {label}", exc, traceback.format_exc())
+        if not a.keep:
+            remove(store)
+            ctx.disk(f"after removing the {dtype} store")

@@ -1,0 +1,228 @@
+"""``load``: a transformers model, built on the meta device, whose weights stream from a store.
+
+    model = load("llama-store", device="cuda", gpu_bytes="6GiB", pinned_bytes="40GiB")
+    model(input_ids); model.generate(input_ids, max_new_tokens=32)  # the transformers API
+    model.infinity.stats(); model.infinity.close()
+
+Units: each decoder layer (``granularity="layer"``) or each module of a layer that owns weights
+(``"matrix"``: norms, q/k/v/o, gate/up/down one by one; a smaller GPU working set, more steps).
+Modules outside the layer list (embeddings, final norm, head) stay on the device when they fit
+next to two streaming buffers of the largest unit, else they stream like layers. The streamed
+units' sizes and forward order go to ``schedule.plan`` (repeated passes: static residency in
+each tier, spread over the pass) and ``stream.Streamer`` executes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import psutil
+import torch
+
+from infinity.config import ALIGNMENT_BYTES, format_size, parse_size
+from infinity.errors import ConfigError
+from infinity.inference.layout import ModelLayout, build_meta_model, find_layers
+from infinity.inference.stream import Slot, Streamer, StreamUnit, bind
+from infinity.schedule import Bandwidths, plan
+from infinity.store import StoreConfig, TieredStore
+from infinity.store._checks import parse_device
+
+log = logging.getLogger(__name__)
+GRANULARITIES = ("layer", "matrix")
+# the order a decoder block of the Llama family runs its modules in ("matrix" granularity);
+# modules not named here keep their definition order after these (the scheduler re-synchronises
+# if the real order differs)
+_BLOCK_ORDER = (
+    "input_layernorm", "q_proj", "k_proj", "v_proj", "qkv_proj", "q_norm", "k_norm", "o_proj",
+    "post_attention_layernorm", "pre_feedforward_layernorm", "gate_proj", "up_proj",
+    "gate_up_proj", "down_proj", "post_feedforward_layernorm",
+)  # fmt: skip
+
+
+def load(
+    store_dir,
+    device="cuda",
+    gpu_bytes: int | str | None = None,
+    pinned_bytes: int | str | None = None,
+    *,
+    granularity: str = "layer",
+    bandwidths: Bandwidths | None = None,
+    verify_checksums: bool = True,
+    aio=None,
+):
+    """A transformers model for ``store_dir`` (written by ``infinity convert``) on ``device``.
+
+    ``gpu_bytes``: device memory for weights (resident units + streaming buffers; activations
+    and the KV cache come on top); default half the free device memory (all of the model on the
+    CPU). ``pinned_bytes``: the pinned tier (units kept in RAM + staging buffers); default the
+    model's size, at most half the available RAM."""
+    from transformers import AutoConfig
+
+    if granularity not in GRANULARITIES:
+        raise ConfigError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    layout = ModelLayout.load(store_dir)
+    dev = parse_device(device)
+    dtype = getattr(torch, layout.compute_dtype)
+    config = AutoConfig.from_pretrained(store_dir)
+    model = build_meta_model(config)
+    _meta_params(model, dtype)
+    for module in model.modules():  # buffers (rotary frequencies) were built for real, on the CPU
+        for name, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[name] = buf.to(dev)
+    units = _units(model, layout, granularity)
+    total = sum(u.nbytes for u in units)
+    gpu_budget, pinned_budget = _budgets(dev, gpu_bytes, pinned_bytes, total)
+
+    store = TieredStore.open(
+        layout.store_paths,
+        _store_config(pinned_budget, verify_checksums, aio),
+        readonly=True,
+    )
+    try:
+        fixed, streamed = _place(units, gpu_budget)
+        _bind_fixed(store, fixed, dev, dtype)
+        left = gpu_budget - sum(u.nbytes for u in fixed)
+        p = plan(
+            [u.nbytes for u in streamed],
+            list(range(len(streamed))),
+            gpu_bytes=left,
+            pinned_bytes=pinned_budget,
+            bandwidths=bandwidths,
+            repeats=2,
+        )
+        store.set_residency(cpu=[k for i in p.resident_pinned for k in streamed[i].keys])
+        streamer = Streamer(store, streamed, p, dev, dtype)
+    except BaseException:
+        store.close()
+        raise
+    log.info(
+        "%s: %d units on %s, %d streamed (%s); %s",
+        layout.architecture, len(fixed), dev, len(streamed), format_size(total), p,
+    )  # fmt: skip
+    _generation_config(model, store_dir)
+    cls = type(model)  # transformers asks the first parameter for the device: it may be meta
+    model.__class__ = type(cls.__name__, (cls,), {"device": property(lambda self: dev)})
+    model.infinity = streamer
+    return model
+
+
+def _meta_params(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Parameters as meta tensors in the compute dtype (tied ones stay one object)."""
+    seen: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is None:
+                continue
+            if id(p) not in seen:
+                dt = dtype if p.is_floating_point() else p.dtype
+                seen[id(p)] = torch.nn.Parameter(
+                    torch.empty(p.shape, dtype=dt, device="meta"), requires_grad=False
+                )
+            module._parameters[name] = seen[id(p)]
+
+
+def _units(model, layout: ModelLayout, granularity: str) -> list[StreamUnit]:
+    """Every parameter, grouped into units in forward order, each with its store keys."""
+    layers_path, _ = find_layers(model)
+    prefix = layers_path + "."
+    groups: dict[str, list[Slot]] = {}  # in named_parameters order
+    missing = []
+    for name, param in model.named_parameters(remove_duplicate=False):
+        record = layout.tensors.get(layout.tied.get(name, name))
+        if record is None:
+            missing.append(name)
+            continue
+        owner, _, attr = name.rpartition(".")
+        unit = owner
+        if granularity == "layer" and owner.startswith(prefix):
+            unit = prefix + owner[len(prefix) :].split(".")[0]
+        groups.setdefault(unit, []).append(Slot(model.get_submodule(owner), attr, record, param))
+    if missing:
+        raise ConfigError(
+            f"the store has no tensors for {len(missing)} parameters of {layout.architecture} "
+            f"(e.g. {missing[:3]}); convert the checkpoint again with this version of infinity"
+        )
+    names = list(groups)
+    first_layer = next((j for j, u in enumerate(names) if u.startswith(prefix)), len(names))
+
+    def rank(unit: str) -> tuple:
+        j = names.index(unit)
+        if not unit.startswith(prefix):  # before or after the layers
+            return (0 if j < first_layer else 2, j)
+        index, *rest = unit[len(prefix) :].split(".")
+        leaf = rest[-1] if rest else ""
+        pos = _BLOCK_ORDER.index(leaf) if leaf in _BLOCK_ORDER else len(_BLOCK_ORDER)
+        return (1, int(index), pos, j)
+
+    # bytes as the pinned tier holds them: each key's buffer starts aligned (the plan's budgets
+    # must add up exactly, or a read finds no room and falls back to a slower path)
+    nbytes = {r.key: _aligned(r.nbytes) for r in layout.tensors.values()}
+    for r in layout.tensors.values():
+        if r.scale_key is not None:
+            nbytes.setdefault(r.scale_key, _aligned(r.shape[0] * 4))  # float32 per row
+    units = []
+    for name in sorted(names, key=rank):
+        slots = groups[name]
+        keys = [s.record.key for s in slots]
+        keys += [s.record.scale_key for s in slots if s.record.scale_key is not None]
+        keys = list(dict.fromkeys(keys))  # tied weights: once
+        layer = int(name[len(prefix) :].split(".")[0]) if name.startswith(prefix) else None
+        units.append(
+            StreamUnit(
+                name, model.get_submodule(name), slots, keys, sum(nbytes[k] for k in keys), layer
+            )
+        )
+    return units
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGNMENT_BYTES) * ALIGNMENT_BYTES
+
+
+def _budgets(dev, gpu_bytes, pinned_bytes, total: int) -> tuple[int, int]:
+    gpu = parse_size(gpu_bytes) if isinstance(gpu_bytes, str) else gpu_bytes
+    pinned = parse_size(pinned_bytes) if isinstance(pinned_bytes, str) else pinned_bytes
+    if gpu is None:
+        gpu = torch.cuda.mem_get_info(dev)[0] // 2 if dev.type == "cuda" else total
+    if pinned is None:
+        pinned = min(total, psutil.virtual_memory().available // 2)
+    return int(gpu), int(pinned)
+
+
+def _store_config(pinned_bytes: int, verify: bool, aio) -> StoreConfig:
+    kw = {"aio": aio} if aio is not None else {}
+    return StoreConfig(gpu_bytes=0, pinned_bytes=pinned_bytes, verify_checksums=verify, **kw)
+
+
+def _place(units: list[StreamUnit], gpu_bytes: int):
+    """Units outside the layers stay on the device while they fit beside two streaming buffers
+    of the largest layer unit (smallest first); everything else streams."""
+    largest = max((u.nbytes for u in units if u.layer is not None), default=0)
+    room = gpu_bytes - 2 * largest
+    fixed = []
+    for u in sorted((u for u in units if u.layer is None), key=lambda u: u.nbytes):
+        if u.nbytes <= room:
+            fixed.append(u)
+            room -= u.nbytes
+    streamed = [u for u in units if u not in fixed]
+    if not any(u.layer is not None for u in streamed):
+        raise ConfigError("nothing to stream: the model has no decoder layers")
+    return fixed, streamed
+
+
+def _bind_fixed(store, units: list[StreamUnit], dev, dtype) -> None:
+    cache: dict[str, torch.Tensor] = {}  # tied weights: one copy
+    for unit in units:
+        for key in unit.keys:
+            if key not in cache:
+                cache[key] = store.get(key, device=dev)
+        bind(unit.slots, cache, dtype)
+
+
+def _generation_config(model, store_dir) -> None:
+    if os.path.exists(os.path.join(store_dir, "generation_config.json")):
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(store_dir)
