@@ -15,7 +15,6 @@ from _measure import GIB, parse_size, remove
 from _peers import _decode_rows, forward_fn
 from _synth import dir_bytes
 
-
 SLACK = 8 << 20  # per layer: alignment of its keys' pinned buffers, fp8 scales
 
 
