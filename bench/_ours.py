@@ -52,7 +52,6 @@ def _configs(ctx) -> list[tuple[str, float | None, int]]:
 
 
 def _run_config(ctx, load, store, label, frac, pinned, weight_bytes, decode: bool, dtype: str):
-    L = ctx.shape.layer_bytes if dtype == "bf16" else ctx.shape.layer_bytes // 2
     gpu = ctx.gpu_bytes
     ctx.drop()
     start = time.perf_counter()
@@ -65,11 +64,15 @@ def _run_config(ctx, load, store, label, frac, pinned, weight_bytes, decode: boo
         model.eval()
         ids = ctx.ids(1)
         fwd = forward_fn(model, ids)
+        plan = model.infinity.stats()
         fields = {
             "weight_bytes": weight_bytes,
             "pinned_bytes": pinned,
             "gpu_bytes": gpu,
-            "c_ram_bytes": max(0, min(weight_bytes, pinned - 2 * L)),
+            # what the plan keeps across passes (the rest streams), from the model itself
+            "c_ram_bytes": min(weight_bytes, plan["resident_pinned_bytes"]),
+            "c_gpu_bytes": min(weight_bytes, plan["resident_gpu_bytes"]),
+            "plan": plan["plan"],
             "load_s": load_s,
             "pinned_fraction": frac or 0.0,
             "dtype": dtype,

@@ -173,8 +173,28 @@ def test_corruption_is_detected(store_dir):
         with pytest.raises(IntegrityError, match=r"key 'w'"):  # a prefetch reports it too
             s.prefetch(["ok", "w"], tier="cpu").result()
         assert "cpu" in s.entry("ok").tiers and "cpu" not in s.entry("w").tiers
+        out = torch.empty(2 * 40_000, dtype=torch.uint8)
+        with pytest.raises(IntegrityError, match=r"key 'w'"):  # and a read into our buffers
+            s.pread(["ok", "w"], [out[:40_000], out[40_000:]]).result()
     with TieredStore.open(store_dir, small_config(verify_checksums=False)) as s:
         assert not torch.equal(s.get("w"), t)  # switched off: the damaged bytes come back
+
+
+def test_pread_fills_the_callers_buffers_and_leaves_the_tiers_alone(store_dir):
+    a, b = torch.randn(3000), torch.arange(5000, dtype=torch.int16).reshape(50, 100)
+    with TieredStore.open(store_dir, small_config()) as s:
+        s.put("a", a)
+        s.put("b", b)
+        s.evict("a")
+        s.evict("b")
+        out_a, out_b = torch.empty(3000), torch.empty(50, 100, dtype=torch.int16)
+        assert s.pread(["a", "b"], [out_a, out_b]).result() == 2
+        assert torch.equal(out_a, a) and torch.equal(out_b, b)
+        assert "cpu" not in s.entry("a").tiers and "cpu" not in s.entry("b").tiers
+        with pytest.raises(ConfigError, match=r"'a' \(12000 bytes\).*got 11996 bytes"):
+            s.pread(["a"], [torch.empty(2999)])
+        with pytest.raises(ValueError):  # one buffer per key
+            s.pread(["a", "b"], [out_a])
 
 
 def test_concurrent_get_and_prefetch(store_dir):

@@ -23,8 +23,8 @@ import torch
 from infinity.config import ALIGNMENT_BYTES, format_size, parse_size
 from infinity.errors import ConfigError
 from infinity.inference.layout import ModelLayout, build_meta_model, find_layers
-from infinity.inference.stream import Slot, Streamer, StreamUnit, bind
-from infinity.schedule import Bandwidths, plan
+from infinity.inference.stream import Piece, Slot, Streamer, StreamUnit, bind
+from infinity.schedule import Bandwidths, plan, simulate
 from infinity.store import StoreConfig, TieredStore
 from infinity.store._checks import parse_device
 
@@ -77,23 +77,15 @@ def load(
 
     store = TieredStore.open(
         layout.store_paths,
-        _store_config(pinned_budget, verify_checksums, aio),
+        _store_config(verify_checksums, aio),  # no pinned tier: the executor owns its buffers
         readonly=True,
     )
     try:
         fixed, streamed = _place(units, gpu_budget)
         _bind_fixed(store, fixed, dev, dtype)
         left = gpu_budget - sum(u.nbytes for u in fixed)
-        p = plan(
-            [u.nbytes for u in streamed],
-            list(range(len(streamed))),
-            gpu_bytes=left,
-            pinned_bytes=pinned_budget,
-            bandwidths=bandwidths,
-            repeats=2,
-        )
-        store.set_residency(cpu=[k for i in p.resident_pinned for k in streamed[i].keys])
-        streamer = Streamer(store, streamed, p, dev, dtype)
+        p = _plan(streamed, left, pinned_budget, bandwidths)
+        streamer = Streamer(store, streamed, p, dev, dtype, pinned_budget)
     except BaseException:
         store.close()
         raise
@@ -156,24 +148,18 @@ def _units(model, layout: ModelLayout, granularity: str) -> list[StreamUnit]:
         pos = _BLOCK_ORDER.index(leaf) if leaf in _BLOCK_ORDER else len(_BLOCK_ORDER)
         return (1, int(index), pos, j)
 
-    # bytes as the pinned tier holds them: each key's buffer starts aligned (the plan's budgets
-    # must add up exactly, or a read finds no room and falls back to a slower path)
-    nbytes = {r.key: _aligned(r.nbytes) for r in layout.tensors.values()}
-    for r in layout.tensors.values():
-        if r.scale_key is not None:
-            nbytes.setdefault(r.scale_key, _aligned(r.shape[0] * 4))  # float32 per row
+    records = {r.key: r for r in layout.tensors.values()}  # fp8 scales have their own
     units = []
     for name in sorted(names, key=rank):
         slots = groups[name]
         keys = [s.record.key for s in slots]
         keys += [s.record.scale_key for s in slots if s.record.scale_key is not None]
-        keys = list(dict.fromkeys(keys))  # tied weights: once
+        pieces, offset = [], 0
+        for key in dict.fromkeys(keys):  # tied weights: once
+            pieces.append(Piece(records[key], offset))
+            offset += _aligned(records[key].nbytes)
         layer = int(name[len(prefix) :].split(".")[0]) if name.startswith(prefix) else None
-        units.append(
-            StreamUnit(
-                name, model.get_submodule(name), slots, keys, sum(nbytes[k] for k in keys), layer
-            )
-        )
+        units.append(StreamUnit(name, model.get_submodule(name), slots, pieces, offset, layer))
     return units
 
 
@@ -191,9 +177,23 @@ def _budgets(dev, gpu_bytes, pinned_bytes, total: int) -> tuple[int, int]:
     return int(gpu), int(pinned)
 
 
-def _store_config(pinned_bytes: int, verify: bool, aio) -> StoreConfig:
+def _store_config(verify: bool, aio) -> StoreConfig:
     kw = {"aio": aio} if aio is not None else {}
-    return StoreConfig(gpu_bytes=0, pinned_bytes=pinned_bytes, verify_checksums=verify, **kw)
+    return StoreConfig(gpu_bytes=0, pinned_bytes=0, verify_checksums=verify, **kw)
+
+
+def _plan(units: list[StreamUnit], gpu_bytes: int, pinned_bytes: int, bandwidths):
+    """Passes repeat: static residency. Pinned staging of one or two buffers, whichever the
+    simulation finds faster (two keep the disk busy while one is copied); none (disk straight
+    to the device, slower) only when the pinned budget cannot hold a unit."""
+    sizes = [u.nbytes for u in units]
+    options = [b for b in (2, 1) if pinned_bytes >= b * max(sizes)] or [0]
+    plans = [
+        plan(sizes, list(range(len(units))), gpu_bytes=gpu_bytes, pinned_bytes=pinned_bytes,
+             bandwidths=bandwidths, repeats=2, pinned_stream_buffers=b)
+        for b in options
+    ]  # fmt: skip
+    return min(plans, key=lambda p: simulate(p).time_s)
 
 
 def _place(units: list[StreamUnit], gpu_bytes: int):

@@ -2,10 +2,13 @@
 
 Call order, per forward pass:
 1. A forward pre-hook on unit ``u``'s module calls ``Scheduler.step(u)`` and runs the actions
-   it returns: READ -> ``store.prefetch(keys, "cpu")`` (aio, disk -> pinned tier); COPY and
-   READ_TO_GPU -> ``store.get(key, device)`` on a copy thread whose current stream is our copy
-   stream, then an event; FREE_PINNED -> ``store.evict(key, "cpu")``; FREE_GPU -> drop our
-   references (the caching allocator reuses the memory once the compute stream is past it).
+   it returns. The executor owns the buffers: one pinned buffer per unit in flight or cached
+   (from its own PinnedPool, the unit's keys at 4 KiB-aligned offsets) and one device buffer.
+   READ -> ``store.pread(keys, views)`` (aio, disk -> the unit's pinned buffer, checksummed);
+   COPY -> one host->device copy of the whole buffer on our copy stream (a copy thread waits
+   for its event); READ_TO_GPU (no pinned budget) -> ``store.get(key, device)``; FREE_PINNED ->
+   the pinned buffer back to the pool; FREE_GPU -> drop our reference (the caching allocator
+   reuses the memory once the compute stream is past it: ``record_stream`` at bind time).
 2. It waits until the scheduler says ``u`` is on the device (a condition variable, notified by
    the transfers' completion callbacks, which report ``done(id)`` and run the next actions).
 3. It makes the compute stream wait on ``u``'s copy event and binds the unit's parameters to the
@@ -27,6 +30,7 @@ import torch
 
 from infinity.errors import CapacityError
 from infinity.inference.layout import TensorRecord
+from infinity.io.pinned import PinnedPool
 from infinity.schedule import COPY, FREE_GPU, FREE_PINNED, READ, READ_TO_GPU, Plan, Scheduler
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,18 @@ class Slot:
     meta: torch.nn.Parameter  # put back after the unit's forward
 
 
+@dataclass(frozen=True)
+class Piece:
+    """One stored tensor of a unit and where it sits in the unit's buffers."""
+
+    record: TensorRecord
+    offset: int  # bytes into the unit's buffer, 4 KiB-aligned
+
+    def view(self, buffer: torch.Tensor) -> torch.Tensor:
+        raw = buffer[self.offset : self.offset + self.record.nbytes]
+        return raw.view(getattr(torch, self.record.dtype)).view(self.record.shape)
+
+
 @dataclass
 class StreamUnit:
     """What the scheduler calls one tensor: a module whose parameters move together."""
@@ -49,9 +65,13 @@ class StreamUnit:
     name: str
     module: torch.nn.Module
     slots: list[Slot]
-    keys: list[str] = field(default_factory=list)  # store keys: weights, then fp8 scales
-    nbytes: int = 0
+    pieces: list[Piece] = field(default_factory=list)  # weights, then fp8 scales
+    nbytes: int = 0  # its buffer: the pieces, each starting aligned
     layer: int | None = None  # its decoder layer, None outside the layer list
+
+    @property
+    def keys(self) -> list[str]:
+        return [p.record.key for p in self.pieces]
 
 
 def bind(slots: list[Slot], tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
@@ -69,19 +89,22 @@ def bind(slots: list[Slot], tensors: dict[str, torch.Tensor], dtype: torch.dtype
 class Streamer:
     """Runs a Plan over ``units``; attached to the model as ``model.infinity``."""
 
-    def __init__(self, store, units: list[StreamUnit], plan: Plan, device: torch.device, dtype):
+    def __init__(self, store, units, plan: Plan, device: torch.device, dtype, pinned_bytes: int):
         self.store, self.units, self.plan = store, units, plan
         self.device, self.dtype = device, dtype
         self._cuda = device.type == "cuda"
         self._cond = threading.Condition(threading.RLock())  # callbacks may run in our thread
         self._sched = Scheduler(plan)
         self._on_device: dict[int, tuple[dict[str, torch.Tensor], object]] = {}
+        self._pool = PinnedPool(pinned_bytes) if pinned_bytes else None
+        self._pinned: dict[int, tuple[torch.Tensor, bool]] = {}  # unit -> (buffer, from pool)
         self._error: BaseException | None = None
         self._started = self._closed = False
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="infinity-copy")
         self._reader = ThreadPoolExecutor(2, thread_name_prefix="infinity-direct")
         self._copy_stream = torch.cuda.Stream(device) if self._cuda else None
-        self._stats = {"steps": 0, "stall_s": 0.0, "copy_s": 0.0, "copies": 0, "reads": 0}
+        self._stats = {"steps": 0, "stall_s": 0.0, "copy_s": 0.0, "copies": 0, "reads": 0,
+                       "h2d_bytes": 0, "fallbacks": 0}  # fmt: skip
         self._store_start = store.stats()
         self._hooks = []
         for i, unit in enumerate(units):
@@ -121,41 +144,72 @@ class Streamer:
             unit = self.units[a.tensor]
             if a.kind == READ:
                 self._stats["reads"] += 1
-                future = self.store.prefetch(unit.keys, tier="cpu")
+                buffer = self._host_buffer(unit)
+                self._pinned[a.tensor] = buffer
+                future = self.store.pread(unit.keys, [p.view(buffer[0]) for p in unit.pieces])
                 future.add_done_callback(partial(self._finished, a))
-            elif a.kind in (COPY, READ_TO_GPU):
-                pool = self._copier if a.kind == COPY else self._reader
-                pool.submit(self._upload, unit).add_done_callback(partial(self._finished, a))
+            elif a.kind == COPY:
+                host = self._pinned[a.tensor][0]
+                self._copier.submit(self._copy, unit, host).add_done_callback(
+                    partial(self._finished, a)
+                )
+            elif a.kind == READ_TO_GPU:
+                self._reader.submit(self._direct, unit).add_done_callback(
+                    partial(self._finished, a)
+                )
             elif a.kind == FREE_PINNED:
-                for key in unit.keys:
-                    self.store.evict(key, tier="cpu")
+                buffer, pooled = self._pinned.pop(a.tensor)
+                if pooled:
+                    self._pool.free(buffer)
             elif a.kind == FREE_GPU:
                 self._on_device.pop(a.tensor, None)
 
-    def _upload(self, unit: StreamUnit):
-        """Copy thread: the unit's tensors on the device (from the pinned tier, or from disk)."""
+    def _host_buffer(self, unit: StreamUnit) -> tuple[torch.Tensor, bool]:
+        """The unit's pinned buffer; pageable memory (slower copies) if the pool cannot."""
+        try:
+            if self._pool is not None:
+                return self._pool.alloc(unit.nbytes), True
+        except CapacityError as exc:
+            if not self._stats["fallbacks"]:
+                log.warning("pinned pool: %s; staging %s in pageable memory", exc, unit.name)
+        self._stats["fallbacks"] += 1
+        return torch.empty(unit.nbytes, dtype=torch.uint8), False
+
+    def _copy(self, unit: StreamUnit, host: torch.Tensor):
+        """Copy thread: the unit's pinned buffer to the device in one copy."""
         start = time.perf_counter()
+        ready = None
         if not self._cuda:
-            tensors = {k: self.store.get(k, device=self.device) for k in unit.keys}
-            ready = None
+            buffer = host.clone()
         else:
-            with torch.cuda.stream(self._copy_stream):  # get() makes this stream wait
-                tensors = {k: self.store.get(k, device=self.device) for k in unit.keys}
+            with torch.cuda.stream(self._copy_stream):
+                buffer = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
+                buffer.copy_(host, non_blocking=True)
                 ready = torch.cuda.Event()
                 ready.record(self._copy_stream)
+            ready.synchronize()  # the pinned buffer may be freed or refilled after this
         self._stats["copy_s"] += time.perf_counter() - start
         self._stats["copies"] += 1
+        self._stats["h2d_bytes"] += unit.nbytes
+        return {p.record.key: p.view(buffer) for p in unit.pieces}, ready
+
+    def _direct(self, unit: StreamUnit):
+        """No pinned budget: each key from disk to the device through the store."""
+        if not self._cuda:
+            return {k: self.store.get(k, device=self.device) for k in unit.keys}, None
+        with torch.cuda.stream(self._copy_stream):  # get() makes this stream wait
+            tensors = {k: self.store.get(k, device=self.device) for k in unit.keys}
+            ready = torch.cuda.Event()
+            ready.record(self._copy_stream)
         return tensors, ready
 
     def _finished(self, action, future: Future) -> None:
         with self._cond:
             error = future.exception()
-            if error is not None and not (isinstance(error, CapacityError) and action.kind == READ):
+            if error is not None:
                 self._error = error
                 self._cond.notify_all()
                 return
-            if error is not None:  # the pinned tier is fragmented: the copy reads from disk
-                log.warning("prefetch into the pinned tier failed (%s); reading at copy", error)
             if action.kind in (COPY, READ_TO_GPU):
                 self._on_device[action.tensor] = future.result()
             try:
@@ -168,14 +222,16 @@ class Streamer:
     def stats(self) -> dict:
         """Steps, bytes moved, time waited; ``peak_gpu_bytes`` is torch's peak allocation."""
         now, first = self.store.stats(), self._store_start
+        gpu, pinned = self.plan.resident_gpu, self.plan.resident_pinned  # kept across passes
         out = dict(self._stats)
         out.update(
             disk_bytes=now.disk_read_bytes - first.disk_read_bytes,
             disk_s=now.disk_read_s - first.disk_read_s,
-            h2d_bytes=now.h2d_bytes - first.h2d_bytes,
             scheduler=self._sched.stats(),
             units=len(self.units),
             plan=repr(self.plan),
+            resident_gpu_bytes=sum(self.units[i].nbytes for i in gpu),
+            resident_pinned_bytes=sum(self.units[i].nbytes for i in pinned - gpu),
         )
         if self._cuda:
             out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.device)
@@ -189,5 +245,11 @@ class Streamer:
             self._closed = True  # the hooks stay: a later forward says the model is closed
         self._copier.shutdown(wait=True)
         self._reader.shutdown(wait=True)
-        self.store.close()  # waits for its prefetches
+        self.store.close()  # waits for its reads
         self._on_device.clear()
+        for buffer, pooled in self._pinned.values():
+            if pooled:
+                self._pool.free(buffer)
+        self._pinned.clear()
+        if self._pool is not None:
+            self._pool.close()

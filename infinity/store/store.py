@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -255,13 +256,34 @@ class TieredStore:
             else:
                 self._ensure_gpu(entry, dev)
 
-        def load_in_order() -> int:
-            # PREFETCH_WINDOW keys in flight, so that one key's last pieces and checksum overlap
-            # the next key's reads; started in order (the last keys are the ones left resident)
+        return self._in_order([(load, e) for e in entries])
+
+    def pread(self, keys: Iterable[str], outs: Iterable[torch.Tensor]) -> Future:
+        """Read each key from NVMe into the caller's CPU buffer (pinned for full speed; at least
+        the key's nbytes, any dtype), checksums verified, in the background. The tiers are
+        neither used nor changed: for executors that manage their own buffers."""
+        jobs = []
+        for key, out in zip(keys, outs, strict=True):
+            entry = self._entry(key)
+            raw = byte_view(out)
+            if raw.device.type != "cpu" or not raw.is_contiguous() or raw.numel() < entry.nbytes:
+                raise ConfigError(
+                    f"pread of {key!r} ({entry.nbytes} bytes) needs a contiguous CPU buffer of "
+                    f"at least that size, got {raw.numel()} bytes on {raw.device}"
+                )
+            jobs.append((partial(self._load_bytes, out=raw[: entry.nbytes]), entry))
+        return self._in_order(jobs)
+
+    def _in_order(self, jobs) -> Future:
+        """Run ``fn(entry)`` for each (fn, entry) with PREFETCH_WINDOW in flight, so that one
+        key's last pieces and checksum overlap the next key's reads; started in order (for
+        prefetch, the last keys are the ones left resident)."""
+
+        def run() -> int:
             window: deque[Future] = deque()
             try:
-                for entry in entries:
-                    window.append(self._window.submit(load, entry))
+                for fn, entry in jobs:
+                    window.append(self._window.submit(fn, entry))
                     if len(window) >= PREFETCH_WINDOW:
                         window.popleft().result()
             finally:
@@ -269,9 +291,9 @@ class TieredStore:
             for error in errors:
                 if error is not None:
                     raise error
-            return len(entries)
+            return len(jobs)
 
-        return self._executor.submit(load_in_order)
+        return self._executor.submit(run)
 
     def evict(self, key: str, tier: str = "cpu") -> None:
         """Drop the copy of ``key`` held in ``tier``; the NVMe copy stays."""
