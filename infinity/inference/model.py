@@ -86,6 +86,7 @@ def load(
         left = gpu_budget - sum(u.nbytes for u in fixed)
         p = _plan(streamed, left, pinned_budget, bandwidths)
         streamer = Streamer(store, streamed, p, dev, dtype, pinned_budget)
+        streamer.start_with(model)
     except BaseException:
         store.close()
         raise

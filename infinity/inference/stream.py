@@ -34,6 +34,8 @@ from infinity.io.pinned import PinnedPool
 from infinity.schedule import COPY, FREE_GPU, FREE_PINNED, READ, READ_TO_GPU, Plan, Scheduler
 
 log = logging.getLogger(__name__)
+_NAMES = {READ: "read", COPY: "copy", FREE_PINNED: "free pinned", FREE_GPU: "free gpu",
+          READ_TO_GPU: "read to gpu"}  # fmt: skip
 
 
 @dataclass
@@ -107,6 +109,7 @@ class Streamer:
                        "h2d_bytes": 0, "fallbacks": 0}  # fmt: skip
         self._store_start = store.stats()
         self._hooks = []
+        self.timeline: list[tuple[float, str, int]] = []  # (perf_counter, event, unit)
         for i, unit in enumerate(units):
             self._hooks.append(unit.module.register_forward_pre_hook(partial(self._enter, i)))
             self._hooks.append(unit.module.register_forward_hook(partial(self._leave, i)))
@@ -117,15 +120,15 @@ class Streamer:
         with self._cond:
             if self._closed:
                 raise RuntimeError("this streamed model was closed (model.infinity.close())")
-            if not self._started:
-                self._started = True
-                self._run(self._sched.start())
+            self._begin()
+            self.timeline.append((time.perf_counter(), "step", i))
             self._run(self._sched.step(i))
             self._cond.wait_for(lambda: self._error is not None or self._sched.on_gpu(i))
             if self._error is not None:
                 raise self._error
             tensors, ready = self._on_device[i]
         self._stats["stall_s"] += time.perf_counter() - start
+        self.timeline.append((time.perf_counter(), "ready", i))
         self._stats["steps"] += 1
         if ready is not None:
             stream = torch.cuda.current_stream(self.device)
@@ -133,6 +136,17 @@ class Streamer:
             for t in tensors.values():
                 t.record_stream(stream)  # freed early by us: not reused before compute is past
         bind(self.units[i].slots, tensors, self.dtype)
+
+    def start_with(self, model: torch.nn.Module) -> None:
+        """Begin the first reads as soon as ``model``'s forward begins (its embeddings, the
+        first CUDA calls and their lazy initialisation then overlap the disk)."""
+        self._hooks.append(model.register_forward_pre_hook(lambda module, args: self._begin()))
+
+    def _begin(self) -> None:
+        with self._cond:
+            if not self._started and not self._closed:
+                self._started = True
+                self._run(self._sched.start())
 
     def _leave(self, i: int, module, args, output) -> None:
         for slot in self.units[i].slots:
@@ -142,6 +156,7 @@ class Streamer:
     def _run(self, actions) -> None:
         for a in actions:
             unit = self.units[a.tensor]
+            self.timeline.append((time.perf_counter(), _NAMES[a.kind], a.tensor))
             if a.kind == READ:
                 self._stats["reads"] += 1
                 buffer = self._host_buffer(unit)
@@ -205,6 +220,9 @@ class Streamer:
 
     def _finished(self, action, future: Future) -> None:
         with self._cond:
+            self.timeline.append(
+                (time.perf_counter(), _NAMES[action.kind] + " done", action.tensor)
+            )
             error = future.exception()
             if error is not None:
                 self._error = error
