@@ -43,20 +43,26 @@ def _configs(ctx) -> list[tuple[str, float | None, int]]:
     """(label, fraction of the layers kept pinned or None for pure streaming, pinned bytes)."""
     L, W = ctx.shape.layer_bytes, ctx.shape.weight_bytes
     L += SLACK  # each key's pinned buffer starts 4 KiB-aligned
-    out = [("all streaming (pinned = 2 layers)", None, 2 * L)]
+    out = [("all streaming (pinned = 2 layers)", None, 2 * L, {})]
+    # single weight matrices: two buffers of the largest unit (the 1.05 GB embedding, which then
+    # streams too, as do the head and the norms) instead of the small modules plus two layers
+    matrix = {"granularity": "matrix", "gpu_bytes": 2 * ctx.shape.vocab * ctx.shape.hidden * 2}
+    matrix["gpu_bytes"] += 64 << 20
+    out.append(("all streaming, matrix granularity", None, 2 * L, matrix))
     out += [
-        (f"pinned {f:g} of the layers + 2 layers", f, int(f * W) + 2 * L)
+        (f"pinned {f:g} of the layers + 2 layers", f, int(f * W) + 2 * L, {})
         for f in ctx.args.pinned_fractions
     ]
     return out
 
 
-def _run_config(ctx, load, store, label, frac, pinned, weight_bytes, decode: bool, dtype: str):
-    gpu = ctx.gpu_bytes
+def _run_config(ctx, load, store, label, frac, pinned, extra, weight_bytes, decode, dtype):
+    gpu = extra.get("gpu_bytes", ctx.gpu_bytes)
+    granularity = extra.get("granularity", "layer")
     ctx.drop()
     start = time.perf_counter()
     model = load(
-        store, device=str(ctx.device), gpu_bytes=gpu, pinned_bytes=pinned, granularity="layer"
+        store, device=str(ctx.device), gpu_bytes=gpu, pinned_bytes=pinned, granularity=granularity
     )
     load_s = time.perf_counter() - start
     fwd = None
@@ -76,6 +82,7 @@ def _run_config(ctx, load, store, label, frac, pinned, weight_bytes, decode: boo
             "load_s": load_s,
             "pinned_fraction": frac or 0.0,
             "dtype": dtype,
+            "granularity": granularity,
         }
         with torch.no_grad():
             ctx.passes(
@@ -109,7 +116,7 @@ def run_infinity(ctx) -> None:
     if cap is not None:  # the pinned tier is charged to the cgroup: leave room for the rest
         room = cap - min(parse_size(a.cap_headroom), cap // 3)
         allowed = [c for c in configs if c[2] <= room]
-        for label, _, pinned in configs[len(allowed) :]:
+        for label, _, pinned, _ in configs[len(allowed) :]:
             ctx.note(
                 f"infinity: '{label}' skipped: pinned {pinned / GIB:.2f} GiB > "
                 f"{room / GIB:.2f} GiB (memory cap {cap / GIB:.2f} GiB less headroom)"
@@ -119,7 +126,7 @@ def run_infinity(ctx) -> None:
             todo, w = allowed, shape.weight_bytes
         else:  # one cold streaming config: half the bytes of bf16 (scales not counted)
             todo, w = (
-                [(configs[0][0], None, shape.layer_bytes + 2 * SLACK)],
+                [(configs[0][0], None, shape.layer_bytes + 2 * SLACK, {})],
                 shape.weight_bytes // 2,
             )
         if not todo:
@@ -129,10 +136,10 @@ def run_infinity(ctx) -> None:
         except Exception as exc:  # noqa: BLE001
             ctx.error(f"convert {dtype}", exc, traceback.format_exc())
             continue
-        for k, (label, frac, pinned) in enumerate(todo):
+        for k, (label, frac, pinned, extra) in enumerate(todo):
             decode = dtype == "bf16" and k == len(todo) - 1  # the most pinned config
             try:
-                _run_config(ctx, load, store, label, frac, pinned, w, decode, dtype)
+                _run_config(ctx, load, store, label, frac, pinned, extra, w, decode, dtype)
             except Exception as exc:  # noqa: BLE001
                 ctx.error(f"infinity {dtype}, {label}", exc, traceback.format_exc())
         if not a.keep:

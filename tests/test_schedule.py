@@ -8,7 +8,16 @@ from hypothesis import given, settings
 from schedule_reference import Replay, optimal_disk_bytes
 
 from infinity import CapacityError, ConfigError
-from infinity.schedule import FROM_DISK, FROM_GPU, FROM_PINNED, Bandwidths, plan, simulate
+from infinity.schedule import (
+    FROM_DISK,
+    FROM_GPU,
+    FROM_PINNED,
+    READ,
+    Bandwidths,
+    Scheduler,
+    plan,
+    simulate,
+)
 
 L = 1 << 30
 BW = Bandwidths(disk_read=1.6e9, disk_write=2.3e9, h2d=55e9, d2h=40e9)
@@ -198,3 +207,19 @@ def test_scheduler_rejects_unknown_ids_with_the_numbers():
         sched.step(7)
     with pytest.raises(ValueError, match=r"done\(99\): no such transfer in flight"):
         sched.done(99)
+
+
+def test_stream_buffers_borrow_the_empty_cache_in_the_first_pass():
+    """One stream buffer per tier and one cached layer each: before the caches fill, the disk
+    reads ahead into the cache space (a compute stall in the first pass does not stop it), the
+    budgets hold, and the cached layers still end up resident."""
+    p = plan([L] * 8, list(range(8)), gpu_bytes=2 * L, pinned_bytes=2 * L, repeats=2,
+             gpu_stream_buffers=1, pinned_stream_buffers=1)  # fmt: skip
+    assert p.pinned_stream_bytes == L and p.resident_pinned and p.resident_gpu
+    first = [a for a in Scheduler(p).start() if a.kind == READ]
+    assert [a.tensor for a in first] == [0, 1]  # two reads with one stream buffer
+    replay = Replay(p, during_compute=lambda n: 0)
+    replay.run(list(range(8)) * 3)
+    assert replay.peak_pinned <= 2 * L and replay.peak_gpu <= 2 * L
+    later = [t for t, step in replay.reads if 16 <= step < 24]  # the third pass: steady state
+    assert sorted(later) == sorted(set(range(8)) - p.resident_pinned - p.resident_gpu)

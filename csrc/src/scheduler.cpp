@@ -134,6 +134,19 @@ void Scheduler::apply_evictions(bool gpu, int64_t step, std::vector<Action>& out
   if (!victims.empty()) collect(out);
 }
 
+// A stream buffer fits the tier's stream reserve, or borrows cache space that nothing holds yet
+// (in the first pass the caches fill only as the plan reaches their tensors), so that a stall
+// in compute does not stop the disk; the tier's total stays within its budget and a cache
+// admission waits until the borrowed bytes are back (cache_room).
+bool Scheduler::stream_fits(bool gpu, uint64_t size) const {
+  const uint64_t streaming = gpu ? gpu_stream_used_ : pinned_stream_used_;
+  const uint64_t reserve = gpu ? plan_.gpu_stream_bytes : plan_.pinned_stream_bytes;
+  if (streaming + size <= reserve) return true;
+  const uint64_t cached = gpu ? gpu_cache_used_ : pinned_cache_used_;
+  const uint64_t cap = gpu ? plan_.gpu_cache_bytes : plan_.pinned_cache_bytes;
+  return cached + streaming + size <= cap + reserve;
+}
+
 // Whether a fetch for trace index `i` goes into the tier's cache: kCacheRoom when the plan
 // keeps it and it fits; kWaitForRoom when it will fit once the planned evictions' last readers
 // are done; kNoCacheRoom otherwise (the caller streams it).
@@ -141,7 +154,11 @@ int Scheduler::cache_room(bool gpu, int64_t i, uint64_t size) const {
   if (!(gpu ? plan_.keep_gpu : plan_.keep_pinned)[i]) return kNoCacheRoom;
   const uint64_t used = gpu ? gpu_cache_used_ : pinned_cache_used_;
   const uint64_t cap = gpu ? plan_.gpu_cache_bytes : plan_.pinned_cache_bytes;
-  if (used + size <= cap) return kCacheRoom;
+  if (used + size <= cap) {  // and what streams borrowed from the cache is back
+    const uint64_t streaming = gpu ? gpu_stream_used_ : pinned_stream_used_;
+    const uint64_t reserve = gpu ? plan_.gpu_stream_bytes : plan_.pinned_stream_bytes;
+    return used + size + streaming <= cap + reserve ? kCacheRoom : kWaitForRoom;
+  }
   return used - (gpu ? gpu_evicting_ : pinned_evicting_) + size <= cap ? kWaitForRoom
                                                                       : kNoCacheRoom;
 }
@@ -166,7 +183,7 @@ bool Scheduler::issue_read(int64_t step, std::vector<Action>& out) {
     // GPU buffers go to steps in order: a later step must not take the one an earlier copy needs
     return copy_cursor_ == step && read_to_gpu(step, out);
   }
-  if (!cache && pinned_stream_used_ + size > plan_.pinned_stream_bytes) return false;
+  if (!cache && !stream_fits(false, size)) return false;
   t.pinned = Copy{kLoading, cache ? kCache : step, false};
   if (cache) last_use_pinned_[x] = step;
   live_.push_back(x);
@@ -186,7 +203,7 @@ bool Scheduler::read_to_gpu(int64_t step, std::vector<Action>& out) {
   const int room = cache_room(true, i, size);
   if (room == kWaitForRoom) return false;
   const bool cache = room == kCacheRoom;
-  if (!cache && gpu_stream_used_ + size > plan_.gpu_stream_bytes) return false;
+  if (!cache && !stream_fits(true, size)) return false;
   t.gpu = Copy{kLoading, cache ? kCache : step, false};
   last_use_gpu_[x] = std::max(last_use_gpu_[x], step);
   if (std::find(live_.begin(), live_.end(), x) == live_.end()) live_.push_back(x);
@@ -212,7 +229,7 @@ bool Scheduler::issue_copy(int64_t step, std::vector<Action>& out) {
   const int room = cache_room(true, i, size);
   if (room == kWaitForRoom) return false;
   const bool cache = room == kCacheRoom;
-  if (!cache && gpu_stream_used_ + size > plan_.gpu_stream_bytes) return false;
+  if (!cache && !stream_fits(true, size)) return false;
   t.gpu = Copy{kLoading, cache ? kCache : step, false};
   last_use_gpu_[x] = std::max(last_use_gpu_[x], step);
   ++t.pinned_users;
@@ -239,9 +256,7 @@ void Scheduler::pump(std::vector<Action>& out) {
 // Frees prefetched stream copies of future steps (furthest first) until `nbytes` fit, and moves
 // the cursors back so that they are fetched again later.
 void Scheduler::make_room(bool gpu, uint64_t nbytes, std::vector<Action>& out) {
-  const uint64_t cap = gpu ? plan_.gpu_stream_bytes : plan_.pinned_stream_bytes;
-  const uint64_t& used = gpu ? gpu_stream_used_ : pinned_stream_used_;
-  while (used + nbytes > cap) {
+  while (!stream_fits(gpu, nbytes)) {
     int32_t victim = -1;
     for (int32_t x : live_) {
       const Tensor& t = tensors_[x];
@@ -273,7 +288,7 @@ bool Scheduler::demand(int32_t x, std::vector<Action>& out) {
   }
   if (t.pinned.state == kNone && direct) {
     make_room(true, size, out);
-    if (gpu_stream_used_ + size > plan_.gpu_stream_bytes) return false;
+    if (!stream_fits(true, size)) return false;
     t.gpu = Copy{kLoading, kDemand, false};
     live_.push_back(x);
     emit(out, kReadToGpu, x, -1, false);
@@ -281,7 +296,7 @@ bool Scheduler::demand(int32_t x, std::vector<Action>& out) {
   }
   if (t.pinned.state == kNone) {
     make_room(false, size, out);
-    if (pinned_stream_used_ + size > plan_.pinned_stream_bytes) return false;
+    if (!stream_fits(false, size)) return false;
     t.pinned = Copy{kLoading, kDemand, false};
     live_.push_back(x);
     emit(out, kRead, x, -1, false);
@@ -289,7 +304,7 @@ bool Scheduler::demand(int32_t x, std::vector<Action>& out) {
   }
   if (t.pinned.state != kReady) return false;
   make_room(true, size, out);
-  if (gpu_stream_used_ + size > plan_.gpu_stream_bytes) return false;
+  if (!stream_fits(true, size)) return false;
   t.gpu = Copy{kLoading, kDemand, false};
   ++t.pinned_users;
   emit(out, kCopy, x, -1, false);
