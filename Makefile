@@ -71,7 +71,9 @@ bench-tiny: aio-op
 	@dir=$$(mktemp -d "$(CURDIR)/.run.XXXXXX"); trap 'rm -rf "$$dir"' EXIT; \
 	$(PY) bench/io.py --dir "$$dir" --size 8MiB --quick --json "$$dir/io.json" && \
 	$(PY) bench/store.py --dir "$$dir" --tensors 4 --tensor-size 1MiB --repeats 1 --json "$$dir/store.json" && \
-	$(PY) bench/schedule.py --passes 5 --json "$$dir/schedule.json"
+	$(PY) bench/schedule.py --passes 5 --json "$$dir/schedule.json" && \
+	$(PY) bench/forward.py --tiny --systems synth,airllm,infinity --infinity-dtypes bf16,fp8 \
+	  --dir "$$dir/forward" --json "$$dir/forward.json"
 
 clean:
 	rm -rf build .asan $(STAMPS) infinity/_C*.so *.egg-info

@@ -160,49 +160,73 @@ def decode(model, vocab: int, batch: int, prompt: int, new_tokens: int, device) 
 
 
 def disk_read_gbps(files: list[str], limit: int, cold_paths: list[str]) -> dict:
-    """Cold O_DIRECT read of up to ``limit`` bytes of ``files``: infinity's AioEngine (DeepSpeed
-    aio, two 256 MiB requests in flight) where it loads, else plain O_DIRECT preads."""
-    cache = drop_caches(cold_paths)
+    """Cold O_DIRECT read of up to ``limit`` bytes of ``files`` with infinity's AioEngine
+    (DeepSpeed aio) in two shapes, keeping the faster: 2 requests of 256 MiB in flight on one
+    lane, and 8 of 64 MiB over 4 lanes (the store's shape); plain O_DIRECT preads if the engine
+    does not load. The bound must be the best the raw engine does, or ratios exceed 1."""
+    runs, errors = [], []
+    for piece, inflight, lanes in ((256 << 20, 2, None), (64 << 20, 8, 4)):
+        cache = drop_caches(cold_paths)
+        try:
+            seconds, total = _aio_read(files, limit, piece, inflight, lanes)
+        except Exception as exc:  # noqa: BLE001 - any failure: fall back, say why
+            errors.append(repr(exc)[:200])
+            continue
+        lane_text = f", {lanes} lanes" if lanes else ""
+        runs.append({
+            "gbps": total / seconds / 1e9, "bytes": total, "s": seconds, "cache": cache,
+            "method": f"infinity AioEngine (DeepSpeed aio, O_DIRECT), {inflight} x "
+                      f"{piece >> 20} MiB in flight{lane_text}",
+        })  # fmt: skip
+    if not runs:
+        cache = drop_caches(cold_paths)
+        plan = _pieces(files, limit, 16 << 20)
+        seconds = _direct_read(plan)
+        total = sum(n for _, _, n in plan)
+        method = f"Python O_DIRECT preads of 16 MiB (AioEngine unavailable: {errors[0]})"
+        runs.append({"gbps": total / seconds / 1e9, "bytes": total, "s": seconds,
+                     "cache": cache, "method": method})  # fmt: skip
+    best = max(runs, key=lambda r: r["gbps"])
+    return {**best, "probes": runs}
+
+
+def _pieces(files: list[str], limit: int, piece: int) -> list[tuple[str, int, int]]:
     plan, total = [], 0
     for path in files:
         size = os.path.getsize(path)
-        for off in range(0, size, 256 << 20):
-            n = min(256 << 20, size - off, limit - total)
+        for off in range(0, size, piece):
+            n = min(piece, size - off, limit - total)
             if n <= 0:
                 break
             plan.append((path, off, n))
             total += n
-    try:
-        from infinity import AioConfig
-        from infinity.io import AioEngine, PinnedPool
+    return plan
 
-        pool = PinnedPool(2 * (256 << 20))
-        bufs = [pool.alloc(256 << 20) for _ in range(2)]
-        with AioEngine(AioConfig()) as eng:
+
+def _aio_read(files, limit: int, piece: int, inflight: int, lanes) -> tuple[float, int]:
+    from infinity import AioConfig
+    from infinity.io import AioEngine, PinnedPool
+
+    plan = _pieces(files, limit, piece)
+    pool = PinnedPool(inflight * piece)
+    bufs = [pool.alloc(piece) for _ in range(inflight)]
+    cfg = AioConfig(lanes=lanes) if lanes else AioConfig()
+    try:
+        with AioEngine(cfg) as eng:
             start = time.perf_counter()
             pending = []
             for k, (path, off, n) in enumerate(plan):
-                if len(pending) == 2:
+                if len(pending) == inflight:
                     pending.pop(0).result()
-                pending.append(eng.pread(bufs[k % 2][:n], path, off))
+                pending.append(eng.pread(bufs[k % inflight][:n], path, off))
             for fut in pending:
                 fut.result()
             seconds = time.perf_counter() - start
+    finally:
         for b in bufs:
             pool.free(b)
         pool.close()
-        method = "infinity AioEngine (DeepSpeed aio, O_DIRECT), 2 x 256 MiB in flight"
-    except Exception as exc:  # noqa: BLE001 - any failure: fall back, say why
-        method = f"Python O_DIRECT preads of 16 MiB (AioEngine unavailable: {exc!r:.200})"
-        cache = drop_caches(cold_paths)
-        seconds = _direct_read(plan)
-    return {
-        "gbps": total / seconds / 1e9,
-        "bytes": total,
-        "s": seconds,
-        "method": method,
-        "cache": cache,
-    }
+    return seconds, sum(n for _, _, n in plan)
 
 
 def _direct_read(plan) -> float:

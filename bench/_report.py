@@ -81,6 +81,10 @@ def _annotate(r: dict, lim: dict) -> None:
     if floor:
         terms["compute_s"] = floor
     r["effective_gbps"] = w / s / GB
+    if r.get("first_s") and lim["disk_read_gbps"] and r["kind"] != "decode":
+        # the first pass starts cold: everything comes from disk, whatever the budgets
+        r["cold_bound_s"] = w / (lim["disk_read_gbps"] * GB)
+        r["cold_bound_over_first"] = r["cold_bound_s"] / r["first_s"]
     if terms:
         r["bound_terms"] = terms
         r["bound_s"] = max(terms.values())
@@ -110,6 +114,7 @@ def finish(out: dict, shape) -> None:
         "system",
         "run",
         "1st s",
+        "cold bound/1st",
         "s",
         "GB/s",
         "bound s",
@@ -128,6 +133,7 @@ def finish(out: dict, shape) -> None:
                     name,
                     r["name"],
                     _fmt(r.get("first_s"), ".3f"),
+                    _fmt(r.get("cold_bound_over_first"), ".3f"),
                     _fmt(r.get("s"), ".4f"),
                     _fmt(r.get("effective_gbps"), ".2f"),
                     _fmt(r.get("bound_s"), ".3f"),
