@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -109,7 +110,8 @@ class Streamer:
                        "h2d_bytes": 0, "fallbacks": 0}  # fmt: skip
         self._store_start = store.stats()
         self._hooks = []
-        self.timeline: list[tuple[float, str, int]] = []  # (perf_counter, event, unit)
+        # (perf_counter, event, unit): the latest events, for diagnosis (bounded: generate runs long)
+        self.timeline: deque[tuple[float, str, int]] = deque(maxlen=4096)
         for i, unit in enumerate(units):
             self._hooks.append(unit.module.register_forward_pre_hook(partial(self._enter, i)))
             self._hooks.append(unit.module.register_forward_hook(partial(self._leave, i)))
