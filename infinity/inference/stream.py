@@ -110,7 +110,7 @@ class Streamer:
                        "h2d_bytes": 0, "fallbacks": 0}  # fmt: skip
         self._store_start = store.stats()
         self._hooks = []
-        # (perf_counter, event, unit): the latest events, for diagnosis (bounded: generate runs long)
+        # (perf_counter, event, unit): the latest events, for diagnosis (generate runs long)
         self.timeline: deque[tuple[float, str, int]] = deque(maxlen=4096)
         for i, unit in enumerate(units):
             self._hooks.append(unit.module.register_forward_pre_hook(partial(self._enter, i)))
