@@ -39,7 +39,11 @@ def build_checkpoint(path: str, layers: int, hidden: int, seed: int = 0):
     )
     bpe.train_from_iterator([_TEXT], trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        padding_side="left",  # decoder-only: generate continues the last token of each row
     )
     config = LlamaConfig(
         hidden_size=hidden,
