@@ -185,11 +185,15 @@ def plot(out: dict, shape, path: str) -> None:
     ours = [
         r
         for r in out["systems"].get("infinity", {}).get("rows", [])
-        if r["kind"] == "pass" and r.get("dtype") == "bf16"
+        if r["kind"] == "pass" and r.get("dtype") == "bf16" and r.get("granularity") != "matrix"
     ]
-    ours.sort(key=lambda r: r.get("c_ram_bytes") or 0)
+
+    def held(r) -> float:  # what the plan keeps resident across passes, pinned RAM and GPU
+        return ((r.get("c_ram_bytes") or 0) + (r.get("c_gpu_bytes") or 0)) / w
+
+    ours.sort(key=held)
     if ours:
-        xs = [(r.get("c_ram_bytes") or 0) / w for r in ours]
+        xs = [held(r) for r in ours]
         ax.plot(xs, [r["s"] for r in ours], "o-", color="C0", lw=2, label="infinity (later passes)")
         ax.plot(
             xs,
@@ -201,12 +205,11 @@ def plot(out: dict, shape, path: str) -> None:
         )
     for r in out["systems"].get("infinity", {}).get("rows", []):
         if r["kind"] == "pass" and r.get("dtype") == "fp8":
+            ax.plot([held(r)], [r["s"]], "s", color="C0", label="infinity fp8 store")
+        if r["kind"] == "pass" and r.get("granularity") == "matrix":
+            peak = (r.get("peak_gpu_bytes") or 0) / GB
             ax.plot(
-                [(r.get("c_ram_bytes") or 0) / w],
-                [r["s"]],
-                "s",
-                color="C0",
-                label="infinity fp8 store",
+                [held(r)], [r["s"]], "^", color="C0", label=f"infinity matrix, {peak:.2f} GB GPU"
             )
     k = 1
     for name in PEERS:
@@ -228,7 +231,7 @@ def plot(out: dict, shape, path: str) -> None:
     if lim["compute_floor_s"]:
         ax.axhline(lim["compute_floor_s"], ls="--", color="gray", label="all layers on the GPU")
     ax.set_yscale("log")
-    ax.set_xlabel("layers held in pinned RAM (fraction of the decoder layers' bytes)")
+    ax.set_xlabel("layers kept resident in pinned RAM + GPU (fraction of the layers' bytes)")
     ax.set_ylabel("seconds per forward (batch 1, 16 tokens)")
     ax.set_title(f"Llama-70B-shaped, {shape.layers} layers ({w / GB:.2f} GB), cold, {gpu_name()}")
     ax.grid(True, which="both", alpha=0.3)
