@@ -141,10 +141,16 @@ void Scheduler::apply_evictions(bool gpu, int64_t step, std::vector<Action>& out
 bool Scheduler::stream_fits(bool gpu, uint64_t size) const {
   const uint64_t streaming = gpu ? gpu_stream_used_ : pinned_stream_used_;
   const uint64_t reserve = gpu ? plan_.gpu_stream_bytes : plan_.pinned_stream_bytes;
-  if (streaming + size <= reserve) return true;
-  const uint64_t cached = gpu ? gpu_cache_used_ : pinned_cache_used_;
-  const uint64_t cap = gpu ? plan_.gpu_cache_bytes : plan_.pinned_cache_bytes;
-  return cached + streaming + size <= cap + reserve;
+  return streaming + size <= reserve || tier_fits(gpu, size);
+}
+
+// `size` more bytes fit the tier's whole budget (cache + stream reserve, whoever holds them).
+bool Scheduler::tier_fits(bool gpu, uint64_t size) const {
+  const uint64_t used = gpu ? gpu_cache_used_ + gpu_stream_used_
+                            : pinned_cache_used_ + pinned_stream_used_;
+  const uint64_t budget = gpu ? plan_.gpu_cache_bytes + plan_.gpu_stream_bytes
+                              : plan_.pinned_cache_bytes + plan_.pinned_stream_bytes;
+  return used + size <= budget;
 }
 
 // Whether a fetch for trace index `i` goes into the tier's cache: kCacheRoom when the plan
@@ -154,11 +160,8 @@ int Scheduler::cache_room(bool gpu, int64_t i, uint64_t size) const {
   if (!(gpu ? plan_.keep_gpu : plan_.keep_pinned)[i]) return kNoCacheRoom;
   const uint64_t used = gpu ? gpu_cache_used_ : pinned_cache_used_;
   const uint64_t cap = gpu ? plan_.gpu_cache_bytes : plan_.pinned_cache_bytes;
-  if (used + size <= cap) {  // and what streams borrowed from the cache is back
-    const uint64_t streaming = gpu ? gpu_stream_used_ : pinned_stream_used_;
-    const uint64_t reserve = gpu ? plan_.gpu_stream_bytes : plan_.pinned_stream_bytes;
-    return used + size + streaming <= cap + reserve ? kCacheRoom : kWaitForRoom;
-  }
+  if (used + size <= cap)  // and what streams borrowed from the cache is back
+    return tier_fits(gpu, size) ? kCacheRoom : kWaitForRoom;
   return used - (gpu ? gpu_evicting_ : pinned_evicting_) + size <= cap ? kWaitForRoom
                                                                       : kNoCacheRoom;
 }

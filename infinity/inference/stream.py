@@ -109,12 +109,11 @@ class Streamer:
         self._stats = {"steps": 0, "stall_s": 0.0, "copy_s": 0.0, "copies": 0, "reads": 0,
                        "h2d_bytes": 0, "fallbacks": 0}  # fmt: skip
         self._store_start = store.stats()
-        self._hooks = []
         # (perf_counter, event, unit): the latest events, for diagnosis (generate runs long)
         self.timeline: deque[tuple[float, str, int]] = deque(maxlen=4096)
         for i, unit in enumerate(units):
-            self._hooks.append(unit.module.register_forward_pre_hook(partial(self._enter, i)))
-            self._hooks.append(unit.module.register_forward_hook(partial(self._leave, i)))
+            unit.module.register_forward_pre_hook(partial(self._enter, i))
+            unit.module.register_forward_hook(partial(self._leave, i))
 
     # -- the hooks (compute thread) ---------------------------------------------------------------
     def _enter(self, i: int, module, args) -> None:
@@ -142,7 +141,7 @@ class Streamer:
     def start_with(self, model: torch.nn.Module) -> None:
         """Begin the first reads as soon as ``model``'s forward begins (its embeddings, the
         first CUDA calls and their lazy initialisation then overlap the disk)."""
-        self._hooks.append(model.register_forward_pre_hook(lambda module, args: self._begin()))
+        model.register_forward_pre_hook(lambda module, args: self._begin())
 
     def _begin(self) -> None:
         with self._cond:

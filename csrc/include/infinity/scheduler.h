@@ -77,6 +77,7 @@ class Scheduler {
   enum Room { kNoCacheRoom = 0, kCacheRoom = 1, kWaitForRoom = 2 };
   int cache_room(bool gpu, int64_t i, uint64_t size) const;
   bool stream_fits(bool gpu, uint64_t size) const;
+  bool tier_fits(bool gpu, uint64_t size) const;
   void apply_evictions(bool gpu, int64_t step, std::vector<Action>& out);
   bool demand(int32_t tensor, std::vector<Action>& out);  // true once its copy is issued
   void make_room(bool gpu, uint64_t nbytes, std::vector<Action>& out);
