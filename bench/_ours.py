@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import gc
 import os
+import statistics
 import time
 import traceback
 from functools import partial
 
 import torch
-from _measure import GIB, parse_size, remove
+from _measure import GIB, drop_caches, io_summary, parse_size, read_files, remove, timed_pass
 from _peers import _decode_rows, forward_fn
 from _synth import dir_bytes
 
@@ -68,8 +69,7 @@ def _run_config(ctx, load, store, label, frac, pinned, extra, weight_bytes, deco
     fwd = None
     try:
         model.eval()
-        ids = ctx.ids(1)
-        fwd = forward_fn(model, ids)
+        fwd, marks = _marked(model, ctx.ids(1), ctx.device)
         plan = model.infinity.stats()
         fields = {
             "weight_bytes": weight_bytes,
@@ -85,7 +85,7 @@ def _run_config(ctx, load, store, label, frac, pinned, extra, weight_bytes, deco
             "granularity": granularity,
         }
         with torch.no_grad():
-            ctx.passes(
+            row = ctx.passes(
                 f"infinity {dtype}, {label}",
                 fwd,
                 ctx.args.passes,
@@ -93,6 +93,10 @@ def _run_config(ctx, load, store, label, frac, pinned, extra, weight_bytes, deco
                 stats=partial(_stats, model),
                 **fields,
             )
+            _add_io(model, row, marks)
+            ctx.save()
+            if dtype not in ctx.logits:  # the first config of each dtype: for fp8 vs bf16
+                ctx.logits[dtype] = marks["logits"]
             if decode:
                 _decode_rows(ctx, f"infinity {dtype}, {label}", model, **fields)
     finally:
@@ -101,6 +105,100 @@ def _run_config(ctx, load, store, label, frac, pinned, extra, weight_bytes, deco
         gc.collect()
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _marked(model, ids, device):
+    """A forward pass that notes when it began and ended (for the executor's timeline) and
+    keeps its logits (float32, on the CPU)."""
+    marks = {"spans": []}
+
+    def fwd():
+        start = time.perf_counter()
+        out = forward_fn(model, ids)()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        marks["spans"].append((start, time.perf_counter()))
+        marks["logits"] = out.logits.float().cpu()
+
+    return fwd, marks
+
+
+def _add_io(model, row: dict, marks: dict) -> None:
+    """Each pass's disk activity (``_measure.io_summary``) into the row."""
+    timeline = list(model.infinity.timeline)
+    sizes = [u.nbytes for u in model.infinity.units]
+    for p, (t0, t1) in zip(row["passes"], marks["spans"], strict=False):
+        p["io"] = io_summary(timeline, sizes, t0, t1)
+
+
+def _store_files(store: str) -> list[str]:
+    """The store's data files (``.bin``; the manifest and lock left out)."""
+    from infinity.inference.layout import ModelLayout
+
+    paths = ModelLayout.load(store).store_paths
+    files = [os.path.join(p, n) for p in paths for n in sorted(os.listdir(p)) if n.endswith(".bin")]
+    if not files:
+        raise RuntimeError(f"no .bin data files under {paths}")
+    return files
+
+
+def _paired(ctx, load, store: str, pinned: int) -> None:
+    """Cold first passes after a fresh ``load``, each next to a raw-engine read of the same
+    store files, in the order probe-pass, pass-probe, ... (the disk drifts during a run, and a
+    read may warm whatever caches sit behind a virtual disk for the next one): the ratio of
+    each pair is the bound on these bytes, measured beside the pass, over the pass."""
+    files, w = _store_files(store), ctx.shape.weight_bytes
+    pairs = []
+    for k in range(ctx.args.pairs):
+        probe = read_files(files, ctx.cold_paths) if k % 2 == 0 else None
+        drop_caches(ctx.cold_paths)
+        model = load(store, device=str(ctx.device), gpu_bytes=ctx.gpu_bytes, pinned_bytes=pinned)
+        try:
+            fwd, marks = _marked(model, ctx.ids(1), ctx.device)
+            with torch.no_grad():
+                p = timed_pass(fwd, ctx.device, ctx.cold_paths)
+            p["io"] = io_summary(
+                list(model.infinity.timeline), [u.nbytes for u in model.infinity.units],
+                *marks["spans"][0],
+            )  # fmt: skip
+            p["stats"] = _stats(model)
+        finally:
+            model.infinity.close()
+            del model
+            gc.collect()
+        if probe is None:
+            probe = read_files(files, ctx.cold_paths)
+        bound = w / (probe["gbps"] * 1e9)
+        pairs.append({"order": "probe, pass" if k % 2 == 0 else "pass, probe", "probe": probe,
+                      "pass": p, "bound_s": bound, "bound_over_pass": bound / p["s"]})  # fmt: skip
+        ctx.log(
+            f"pair {k}: raw read {probe['gbps']:.2f} GB/s -> bound {bound:.3f} s; "
+            f"first pass {p['s']:.3f} s; ratio {bound / p['s']:.3f}"
+        )
+    ratios = sorted(x["bound_over_pass"] for x in pairs)
+    ctx.add_row({
+        "name": "infinity bf16, 1st pass after load, paired with a raw read of the same files",
+        "kind": "paired", "pairs": pairs, "s": statistics.median(x["pass"]["s"] for x in pairs),
+        "bound_over_pass_median": statistics.median(ratios), "bound_over_pass_min": ratios[0],
+        "weight_bytes": w, "pinned_bytes": pinned, "dtype": "bf16", "granularity": "layer",
+    })  # fmt: skip
+
+
+def _compare_logits(ctx) -> None:
+    """fp8 against bf16 on the same prompt: relative L2 error and top-1 agreement of the logits."""
+    a, b = ctx.logits.get("bf16"), ctx.logits.get("fp8")
+    if a is None or b is None:
+        return
+    diff = (b - a).flatten()
+    ctx.result.setdefault("info", {})["fp8_vs_bf16_logits"] = out = {
+        "relative_l2": float(diff.norm() / a.flatten().norm()),
+        "max_abs": float(diff.abs().max()),
+        "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
+        "positions": int(a.shape[0] * a.shape[1]),
+        "note": "random weights (the synthetic checkpoint); a real checkpoint is not measured",
+    }
+    ctx.log(f"fp8 vs bf16 logits: {out}")
+    ctx.save()
 
 
 def run_infinity(ctx) -> None:
@@ -121,6 +219,7 @@ def run_infinity(ctx) -> None:
                 f"infinity: '{label}' skipped: pinned {pinned / GIB:.2f} GiB > "
                 f"{room / GIB:.2f} GiB (memory cap {cap / GIB:.2f} GiB less headroom)"
             )
+    ctx.logits = {}
     for dtype in a.infinity_dtypes:
         if dtype == "bf16":
             todo, w = allowed, shape.weight_bytes
@@ -142,6 +241,12 @@ def run_infinity(ctx) -> None:
                 _run_config(ctx, load, store, label, frac, pinned, extra, w, decode, dtype)
             except Exception as exc:  # noqa: BLE001
                 ctx.error(f"infinity {dtype}, {label}", exc, traceback.format_exc())
+        if dtype == "bf16" and a.pairs:
+            try:
+                _paired(ctx, load, store, configs[0][2])
+            except Exception as exc:  # noqa: BLE001
+                ctx.error("infinity bf16, paired first passes", exc, traceback.format_exc())
         if not a.keep:
             remove(store)
             ctx.disk(f"after removing the {dtype} store")
+    _compare_logits(ctx)

@@ -67,6 +67,9 @@ def _annotate(r: dict, lim: dict) -> None:
     w, s = r.get("weight_bytes"), r.get("s")
     if w is None or not s or r.get("floor"):
         return
+    if r["kind"] == "paired":  # its own bound, measured beside each pass
+        r["cold_bound_over_first"] = r["bound_over_pass_median"]
+        return
     cr, cg = r.get("c_ram_bytes") or 0, r.get("c_gpu_bytes") or 0
     terms = {}
     if lim["disk_read_gbps"]:
@@ -167,6 +170,32 @@ def finish(out: dict, shape) -> None:
         print(title)
         for row in [head, *table]:
             print("  ".join(str(x)[:w].ljust(w) for x, w in zip(row, widths, strict=True)))
+    _print_disk(out)
+
+
+def _print_disk(out: dict) -> None:
+    """Our first passes: how busy the disk was and how fast it read; the paired probes."""
+    for r in out["systems"].get("infinity", {}).get("rows", []):
+        for k, p in enumerate(r.get("passes", [])):
+            io = p.get("io")
+            if io and io.get("read_gbps_while_busy"):
+                print(
+                    f"{r['name']}, pass {k + 1}: {io['pass_s']:.3f} s, disk busy "
+                    f"{io['disk_busy_fraction']:.1%}, {io['read_gbps_while_busy']:.2f} GB/s while "
+                    f"busy, first read at {io['first_read_after_s']:.3f} s, "
+                    f"{io['tail_after_last_read_s']:.3f} s after the last"
+                )
+        for x in r.get("pairs", []):
+            io = x["pass"].get("io") or {}
+            print(
+                f"{r['name']} ({x['order']}): raw {x['probe']['gbps']:.2f} GB/s, bound "
+                f"{x['bound_s']:.3f} s, pass {x['pass']['s']:.3f} s, ratio "
+                f"{x['bound_over_pass']:.3f}; disk busy {io.get('disk_busy_fraction') or 0:.1%} "
+                f"at {io.get('read_gbps_while_busy') or 0:.2f} GB/s"
+            )
+    info = out["systems"].get("infinity", {}).get("info", {}).get("fp8_vs_bf16_logits")
+    if info:
+        print(f"fp8 vs bf16 logits: {info}")
 
 
 def plot(out: dict, shape, path: str) -> None:

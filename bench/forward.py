@@ -241,7 +241,13 @@ def parse_args(argv=None):
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--passes", type=int, default=3, help="ours, per pinned budget")
-    ap.add_argument("--pinned-fractions", default="0.25,0.5,0.75,1.0")
+    ap.add_argument("--pinned-fractions", default="0.25,0.5,1.0")
+    ap.add_argument(
+        "--pairs",
+        type=int,
+        help="ours: cold first passes after load, each beside a raw read of the same files "
+        "(default 4, 2 with --tiny; 0: none)",
+    )
     ap.add_argument("--gpu-bytes", default="auto", help="ours; auto: head+embed + 2 layers")
     ap.add_argument("--infinity-dtypes", default="bf16,fp8")
     ap.add_argument("--airllm-variants", default="plain,prefetch")
@@ -305,6 +311,8 @@ def parse_args(argv=None):
     args.pinned_fractions = [float(x) for x in split(args.pinned_fractions)]
     args.decode_batches = [int(x) for x in split(args.decode_batches)]
     args.disk_probe_bytes = parse_size(args.disk_probe_bytes)
+    if args.pairs is None:
+        args.pairs = 2 if args.tiny else 4
     return args
 
 
