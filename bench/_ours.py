@@ -50,6 +50,8 @@ def _configs(ctx) -> list[tuple[str, float | None, int]]:
     matrix = {"granularity": "matrix", "gpu_bytes": 2 * ctx.shape.vocab * ctx.shape.hidden * 2}
     matrix["gpu_bytes"] += 64 << 20
     out.append(("all streaming, matrix granularity", None, 2 * L, matrix))
+    # what verifying every byte read costs (xxh3 on the hashing threads)
+    out.append(("all streaming, checksums not verified", None, 2 * L, {"verify_checksums": False}))
     out += [
         (f"pinned {f:g} of the layers + 2 layers", f, int(f * W) + 2 * L, {})
         for f in ctx.args.pinned_fractions
@@ -60,10 +62,16 @@ def _configs(ctx) -> list[tuple[str, float | None, int]]:
 def _run_config(ctx, load, store, label, frac, pinned, extra, weight_bytes, decode, dtype):
     gpu = extra.get("gpu_bytes", ctx.gpu_bytes)
     granularity = extra.get("granularity", "layer")
+    verify = extra.get("verify_checksums", True)
     ctx.drop()
     start = time.perf_counter()
     model = load(
-        store, device=str(ctx.device), gpu_bytes=gpu, pinned_bytes=pinned, granularity=granularity
+        store,
+        device=str(ctx.device),
+        gpu_bytes=gpu,
+        pinned_bytes=pinned,
+        granularity=granularity,
+        verify_checksums=verify,
     )
     load_s = time.perf_counter() - start
     fwd = None
@@ -83,6 +91,7 @@ def _run_config(ctx, load, store, label, frac, pinned, extra, weight_bytes, deco
             "pinned_fraction": frac or 0.0,
             "dtype": dtype,
             "granularity": granularity,
+            "verify_checksums": verify,
         }
         with torch.no_grad():
             row = ctx.passes(

@@ -214,7 +214,10 @@ def plot(out: dict, shape, path: str) -> None:
     ours = [
         r
         for r in out["systems"].get("infinity", {}).get("rows", [])
-        if r["kind"] == "pass" and r.get("dtype") == "bf16" and r.get("granularity") != "matrix"
+        if r["kind"] == "pass"
+        and r.get("dtype") == "bf16"
+        and r.get("granularity") != "matrix"
+        and r.get("verify_checksums", True)
     ]
 
     def held(r) -> float:  # what the plan keeps resident across passes, pinned RAM and GPU

@@ -58,6 +58,7 @@ TIERS = ("gpu", "cpu", "nvme")
 # hash with the next key's reads. Writes: checksums overlap all of it.
 MIN_PIECE_BYTES, WRITE_PIECE_BYTES = 2 * CHUNK_BYTES, 64 << 20
 PREFETCH_WINDOW = 2  # keys a prefetch reads at once
+HASH_THREADS = max(2, min(8, os.cpu_count() or 2))  # chunks of finished reads hashed at once
 
 
 class UnknownKeyError(InfinityError, KeyError):
@@ -108,6 +109,7 @@ class TieredStore:
             self._window = ThreadPoolExecutor(
                 PREFETCH_WINDOW * config.io_threads, thread_name_prefix="infinity-load"
             )
+            self._hashers = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="infinity-hash")
         except BaseException:
             self._release_lock()
             raise
@@ -415,6 +417,7 @@ class TieredStore:
             self._closed = True
             self._executor.shutdown(wait=True)
             self._window.shutdown(wait=True)
+            self._hashers.shutdown(wait=True)
             self.gpu.close()
             self.cpu.close()
             self._engine.close()
@@ -462,26 +465,18 @@ class TieredStore:
         on_done=None,
     ) -> None:
         """Move ``raw`` to or from its extents in pieces of ``_piece_bytes``, cut at
-        multiples of that size in the tensor (a multiple of checksum.CHUNK_BYTES); a read's last
-        ``_piece_bytes`` of each extent go in single chunks, so that the hash left after the last
-        byte arrives is one chunk's. Interleaved over the paths so that every drive works at once.
-        ``on_piece(at, piece)`` runs in byte order on the calling thread while later pieces are
-        still in flight; ``on_done(at, piece)`` runs on the aio lane that finished the piece."""
+        multiples of that size in the tensor (a multiple of checksum.CHUNK_BYTES), interleaved
+        over the paths so that every drive works at once. ``on_piece(at, piece)`` runs in byte
+        order on the calling thread while later pieces are still in flight; ``on_done(at, part)``
+        runs for each checksum chunk of a finished piece on the hashing threads, in parallel, so
+        the aio lane takes its next request at once and the hash left after the last byte is one
+        chunk's."""
         start = time.perf_counter()
         plans, pos = [], 0
         step = max(self._piece_bytes, WRITE_PIECE_BYTES) if write else self._piece_bytes
         for ext in extents:
             end = pos + ext.nbytes
-            fine = end if write else max(pos, (end - step) // CHUNK_BYTES * CHUNK_BYTES)
-            cuts = sorted(
-                {
-                    pos,
-                    *range((pos // step + 1) * step, fine, step),
-                    *range(max(fine, (pos // CHUNK_BYTES + 1) * CHUNK_BYTES), end, CHUNK_BYTES),
-                    fine,
-                    end,
-                }
-            )
+            cuts = sorted({pos, *range((pos // step + 1) * step, end, step), end})
             plans.append(
                 [
                     (a, ext.file, ext.file_offset + a - pos, b - a)
@@ -490,7 +485,7 @@ class TieredStore:
             )
             pos += ext.nbytes
         op = self._engine.pwrite if write else self._engine.pread
-        futures, callbacks = {}, _Callbacks(on_done)
+        futures, callbacks = {}, _Callbacks(on_done, self._hashers)
         for round_ in itertools.zip_longest(*plans):
             for piece in filter(None, round_):
                 at, file, file_offset, n = piece
@@ -507,7 +502,7 @@ class TieredStore:
         finally:
             for fut in futures.values():  # no buffer may be reused under the disk
                 fut.exception()
-            callbacks.wait()  # nor under a hash still running on a lane
+            callbacks.wait()  # nor under a hash still running
         elapsed = time.perf_counter() - start
         with self._lock:
             if write:
@@ -670,11 +665,12 @@ class TieredStore:
 
 # -- helpers --------------------------------------------------------------------------------------
 class _Callbacks:
-    """Runs ``fn(at, piece)`` on the aio lane that completes each successful piece; ``wait``
-    returns once all have run and raises the first error one of them hit."""
+    """Runs ``fn(at, part)`` for each checksum chunk of each successful piece on ``pool`` (not
+    on the aio lane that completed the piece: it goes on to its next request); ``wait`` returns
+    once all have run and raises the first error one of them hit."""
 
-    def __init__(self, fn):
-        self.fn, self.pending, self.error = fn, 0, None
+    def __init__(self, fn, pool: ThreadPoolExecutor):
+        self.fn, self.pool, self.pending, self.error = fn, pool, 0, None
         self.cond = threading.Condition()
 
     def attach(self, future: Future, at: int, piece: torch.Tensor) -> None:
@@ -682,18 +678,43 @@ class _Callbacks:
             return
         with self.cond:
             self.pending += 1
-        future.add_done_callback(lambda f: self._run(f, at, piece))
+        future.add_done_callback(lambda f: self._split(f, at, piece))
 
-    def _run(self, future: Future, at: int, piece: torch.Tensor) -> None:
+    def _split(self, future: Future, at: int, piece: torch.Tensor) -> None:
         try:
             if future.exception() is None:
-                self.fn(at, piece)
+                pos, n = 0, piece.numel()
+                while pos < n:
+                    step = min(n - pos, CHUNK_BYTES - (at + pos) % CHUNK_BYTES)
+                    with self.cond:
+                        self.pending += 1
+                    try:
+                        self.pool.submit(self._run, at + pos, piece[pos : pos + step])
+                    except BaseException:
+                        self._finish()
+                        raise
+                    pos += step
         except BaseException as exc:  # noqa: BLE001 (handed to the waiting thread)
-            self.error = self.error or exc
+            self._failed(exc)
         finally:
-            with self.cond:
-                self.pending -= 1
-                self.cond.notify_all()
+            self._finish()
+
+    def _run(self, at: int, part: torch.Tensor) -> None:
+        try:
+            self.fn(at, part)
+        except BaseException as exc:  # noqa: BLE001
+            self._failed(exc)
+        finally:
+            self._finish()
+
+    def _failed(self, exc: BaseException) -> None:
+        with self.cond:
+            self.error = self.error or exc
+
+    def _finish(self) -> None:
+        with self.cond:
+            self.pending -= 1
+            self.cond.notify_all()
 
     def wait(self) -> None:
         with self.cond:
