@@ -50,8 +50,8 @@ def _configs(ctx) -> list[tuple[str, float | None, int]]:
     matrix = {"granularity": "matrix", "gpu_bytes": 2 * ctx.shape.vocab * ctx.shape.hidden * 2}
     matrix["gpu_bytes"] += 64 << 20
     out.append(("all streaming, matrix granularity", None, 2 * L, matrix))
-    # what verifying every byte read costs (xxh3 on the hashing threads)
-    out.append(("all streaming, checksums not verified", None, 2 * L, {"verify_checksums": False}))
+    if ctx.args.unverified:  # what verifying every byte read costs (xxh3, hashing threads)
+        out.append(("all streaming, checksums not verified", None, 2 * L, {"verify_checksums": 0}))
     out += [
         (f"pinned {f:g} of the layers + 2 layers", f, int(f * W) + 2 * L, {})
         for f in ctx.args.pinned_fractions
@@ -62,7 +62,7 @@ def _configs(ctx) -> list[tuple[str, float | None, int]]:
 def _run_config(ctx, load, store, label, frac, pinned, extra, weight_bytes, decode, dtype):
     gpu = extra.get("gpu_bytes", ctx.gpu_bytes)
     granularity = extra.get("granularity", "layer")
-    verify = extra.get("verify_checksums", True)
+    verify = bool(extra.get("verify_checksums", True))
     ctx.drop()
     start = time.perf_counter()
     model = load(

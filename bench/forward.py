@@ -242,6 +242,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--passes", type=int, default=3, help="ours, per pinned budget")
     ap.add_argument("--pinned-fractions", default="0.25,0.5,1.0")
+    ap.add_argument("--unverified", action="store_true", help="ours: also without checksums")
     ap.add_argument(
         "--pairs",
         type=int,

@@ -82,6 +82,25 @@ def test_forward_is_bitwise_equal(converted, granularity, batch):
         model.infinity.close()
 
 
+@pytest.mark.parametrize("granularity", ["layer", "matrix"])
+def test_warm_up_reads_no_weights_and_changes_nothing(converted, granularity):
+    """The load-time forward on placeholder weights (on by default only on CUDA)."""
+    reference, store_dir, layout = converted
+    layer = _layer_bytes(layout)
+    model = load(store_dir, device="cpu", gpu_bytes=3 * layer, pinned_bytes=2 * layer,
+                 granularity=granularity, warm_up=True)  # fmt: skip
+    try:
+        assert model.infinity.stats()["disk_bytes"] == 0  # nothing streamed yet
+        streamed = [s.meta for u in model.infinity.units for s in u.slots]
+        assert streamed and all(p.is_meta for p in streamed)
+        assert all(p.is_meta for p in model.model.layers.parameters())  # hooks put meta back
+        ids = _ids(2)
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, reference(ids).logits)
+    finally:
+        model.infinity.close()
+
+
 def test_generate_with_kv_cache_batch_and_padding(converted):
     reference, store_dir, layout = converted
     model = load(store_dir, device="cpu", gpu_bytes=3 * _layer_bytes(layout), pinned_bytes=0)

@@ -23,7 +23,7 @@ import torch
 from infinity.config import ALIGNMENT_BYTES, format_size, parse_size
 from infinity.errors import ConfigError
 from infinity.inference.layout import ModelLayout, build_meta_model, find_layers
-from infinity.inference.stream import Piece, Slot, Streamer, StreamUnit, bind
+from infinity.inference.stream import Piece, Slot, Streamer, StreamUnit, bind, unbind
 from infinity.schedule import Bandwidths, plan, simulate
 from infinity.store import StoreConfig, TieredStore
 from infinity.store._checks import parse_device
@@ -50,13 +50,15 @@ def load(
     bandwidths: Bandwidths | None = None,
     verify_checksums: bool = True,
     aio=None,
+    warm_up: bool | None = None,
 ):
     """A transformers model for ``store_dir`` (written by ``infinity convert``) on ``device``.
 
     ``gpu_bytes``: device memory for weights (resident units + streaming buffers; activations
     and the KV cache come on top); default half the free device memory (all of the model on the
     CPU). ``pinned_bytes``: the pinned tier (units kept in RAM + staging buffers); default the
-    model's size, at most half the available RAM."""
+    model's size, at most half the available RAM. ``warm_up`` (default: on a CUDA device) runs
+    one forward with placeholder weights before returning (see ``_warm_up``)."""
     from transformers import AutoConfig
 
     if granularity not in GRANULARITIES:
@@ -84,6 +86,8 @@ def load(
         fixed, streamed = _place(units, gpu_budget)
         _bind_fixed(store, fixed, dev, dtype)
         left = gpu_budget - sum(u.nbytes for u in fixed)
+        if warm_up if warm_up is not None else dev.type == "cuda":
+            _warm_up(model, streamed, dev, dtype)
         p = _plan(streamed, left, pinned_budget, bandwidths)
         streamer = Streamer(store, streamed, p, dev, dtype, pinned_budget)
         streamer.start_with(model)
@@ -220,6 +224,32 @@ def _bind_fixed(store, units: list[StreamUnit], dev, dtype) -> None:
             if key not in cache:
                 cache[key] = store.get(key, device=dev)
         bind(unit.slots, cache, dtype)
+
+
+def _warm_up(model, units: list[StreamUnit], dev, dtype, tokens: int = 8) -> None:
+    """One forward in which every streamed unit reads zeros from one scratch buffer of the
+    largest unit's size (bound per unit by hooks, so fp8 dequantises one unit at a time). CUDA
+    loads kernels lazily, from library files on the disk the stream reads (cold after a page
+    cache drop): without this the first real forward pays that, ~1 s, inside its pipeline. No
+    weights are read, and the scratch memory is left cached for the streaming buffers."""
+    scratch = torch.zeros(max(u.nbytes for u in units), dtype=torch.uint8, device=dev)
+    handles = []
+    for u in units:
+        tensors = {p.record.key: p.view(scratch) for p in u.pieces}
+        handles.append(
+            u.module.register_forward_pre_hook(lambda m, a, u=u, t=tensors: bind(u.slots, t, dtype))
+        )
+        handles.append(u.module.register_forward_hook(lambda m, a, o, u=u: unbind(u.slots)))
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros((1, tokens), dtype=torch.long, device=dev), use_cache=False)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    finally:
+        for h in handles:
+            h.remove()
+        for u in units:
+            unbind(u.slots)
 
 
 def _generation_config(model, store_dir) -> None:

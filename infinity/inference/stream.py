@@ -89,6 +89,12 @@ def bind(slots: list[Slot], tensors: dict[str, torch.Tensor], dtype: torch.dtype
         slot.module._parameters[slot.attr] = torch.nn.Parameter(t, requires_grad=False)
 
 
+def unbind(slots: list[Slot]) -> None:
+    """Put the meta parameters back: nothing but the executor holds the device copies."""
+    for slot in slots:
+        slot.module._parameters[slot.attr] = slot.meta
+
+
 class Streamer:
     """Runs a Plan over ``units``; attached to the model as ``model.infinity``."""
 
@@ -150,8 +156,7 @@ class Streamer:
                 self._run(self._sched.start())
 
     def _leave(self, i: int, module, args, output) -> None:
-        for slot in self.units[i].slots:
-            slot.module._parameters[slot.attr] = slot.meta
+        unbind(self.units[i].slots)
 
     # -- actions (under the lock) -----------------------------------------------------------------
     def _run(self, actions) -> None:
