@@ -62,23 +62,3 @@ def test_gpu_pinned_pool_is_torch_pinned():
         view = pool.alloc(12345)
         assert view.is_pinned() and view.data_ptr() % 4096 == 0
         pool.free(view)
-
-
-def test_gpu_pinned_pool_pins_exactly_its_size_and_unpins_on_close(gpu_engine, disk_dir):
-    """Registered, not torch's power-of-two caching allocator: the region is the pool's own and
-    goes back at close (unregistering it again then fails)."""
-    from infinity.io import PinnedPool
-
-    cudart = torch.cuda.cudart()
-    pool = PinnedPool((3 << 20) + 4096)
-    ptr = pool._buffer.data_ptr()
-    view = pool.alloc(3 << 20)
-    view.copy_(torch.randint(0, 256, (3 << 20,), dtype=torch.uint8))
-    path = os.path.join(disk_dir, "p.bin")
-    gpu_engine.write(view, path, 0)  # O_DIRECT straight from the registered region
-    on_gpu = view.to("cuda", non_blocking=True)
-    torch.cuda.synchronize()
-    assert torch.equal(on_gpu.cpu(), view)
-    pool.free(view)
-    pool.close()
-    assert cudart.cudaHostUnregister(ptr) != cudart.cudaError.success

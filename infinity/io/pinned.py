@@ -4,10 +4,7 @@ Pinning is slow and per-buffer pinning fragments host memory (a known cause of h
 DeepSpeed's swapper), so the pool pins once and hands out views.
 
 Memory kinds (``kind=``):
-- ``"cuda"``: host memory registered with CUDA (cudaHostRegister), exactly the size asked for;
-  fast host<->GPU copies. Default with CUDA. (torch's pinned allocator, ``pin_memory=True``,
-  rounds each block up to a power of two and keeps freed blocks cached: a 6.9 GB pool took
-  8 GiB and stayed pinned after close, which a memory cgroup of 10 GiB killed.)
+- ``"cuda"``: torch pinned memory (cudaHostAlloc); fast host<->GPU copies. Default with CUDA.
 - ``"locked"``: DeepSpeed's page-locked allocator (``new_cpu_locked_tensor``: aligned + mlock),
   which its aio handle recognises as direct-I/O capable. Default without CUDA.
 - ``"aligned"``: plain aligned memory, no locking (DeepSpeed then bounces every transfer).
@@ -64,16 +61,14 @@ class PinnedPool:
         if nbytes == 0:
             return torch.empty(0, dtype=torch.uint8)
         if self.kind == "cuda":
-            view = self._aligned(nbytes)
-            cudart = torch.cuda.cudart()
-            err = cudart.cudaHostRegister(view.data_ptr(), nbytes, 0)
-            if err != cudart.cudaError.success:
+            try:  # torch's pinned allocator may return 512-byte aligned blocks: over-allocate
+                raw = torch.empty(nbytes + self.alignment, dtype=torch.uint8, pin_memory=True)
+                shift = (-raw.data_ptr()) % self.alignment
+                return raw[shift : shift + nbytes]
+            except RuntimeError as exc:
                 raise CapacityError(
-                    f"cannot pin {format_size(nbytes)} of host memory (cudaHostRegister: "
-                    f"{err}); lower the pool size or raise the memory limit"
-                )
-            self._registered = view.data_ptr()
-            return view
+                    f"cannot pin {format_size(nbytes)} of host memory: {exc}; lower the pool size"
+                ) from exc
         if self.kind == "locked":
             limit = memlock_limit_bytes()
             if limit is not None and limit < nbytes and not _can_lock_unlimited():
@@ -90,9 +85,6 @@ class PinnedPool:
                 handle = load_aio().aio_handle(1024 * 1024, 1, False, False, 1)
                 self._locker = handle  # keeps the manager's owner alive with the pool
                 return handle.new_cpu_locked_tensor(nbytes, torch.empty(0, dtype=torch.uint8))
-        return self._aligned(nbytes)
-
-    def _aligned(self, nbytes: int) -> torch.Tensor:
         raw = torch.empty(nbytes + self.alignment, dtype=torch.uint8)
         shift = (-raw.data_ptr()) % self.alignment
         return raw[shift : shift + nbytes]
@@ -138,14 +130,8 @@ class PinnedPool:
             return
         if getattr(self, "_locker", None) is not None and self._buffer.numel():
             self._locker.free_cpu_locked_tensor(self._buffer)
-        if getattr(self, "_registered", None) is not None:
-            torch.cuda.cudart().cudaHostUnregister(self._registered)
-        self._locker = self._registered = None
+        self._locker = None
         self._buffer = torch.empty(0, dtype=torch.uint8)
-
-    def __del__(self) -> None:  # registered memory must be unregistered before it is freed
-        if getattr(self, "_registered", None) is not None:
-            self.close()
 
     def __enter__(self) -> PinnedPool:
         return self
