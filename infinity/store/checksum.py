@@ -2,8 +2,8 @@
 
 Scheme ``xxh3-64/16MiB``: cut the tensor's bytes into 16 MiB chunks (the last one shorter; an
 empty tensor has none), take xxh3-64 of each, and take xxh3-64 of their 8-byte little-endian
-digests concatenated. Each chunk can be hashed by whichever thread read it, as soon as it is in
-(the aio lanes do this on a read), so no hashing is left for after the last byte arrives.
+digests concatenated. Each chunk can be hashed by any thread as soon as it is in (on a read the
+store's hashing threads do this, in parallel), so little hashing is left after the last byte.
 
 ``xxh3-64`` (one pass over all bytes, the scheme of stores written before chunked hashing) is
 still verified, sequentially.

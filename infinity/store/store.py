@@ -467,16 +467,27 @@ class TieredStore:
         """Move ``raw`` to or from its extents in pieces of ``_piece_bytes``, cut at
         multiples of that size in the tensor (a multiple of checksum.CHUNK_BYTES), interleaved
         over the paths so that every drive works at once. ``on_piece(at, piece)`` runs in byte
-        order on the calling thread while later pieces are still in flight; ``on_done(at, part)``
-        runs for each checksum chunk of a finished piece on the hashing threads, in parallel, so
-        the aio lane takes its next request at once and the hash left after the last byte is one
-        chunk's."""
+        order on the calling thread while later pieces are still in flight (on a read, the last
+        ``_piece_bytes`` of each extent then go in single chunks, so that what it has left to do
+        after the last byte is one chunk's); ``on_done(at, part)`` runs for each checksum chunk
+        of a finished piece on the hashing threads, in parallel, so that the aio lane takes its
+        next request at once."""
         start = time.perf_counter()
         plans, pos = [], 0
         step = max(self._piece_bytes, WRITE_PIECE_BYTES) if write else self._piece_bytes
         for ext in extents:
             end = pos + ext.nbytes
-            cuts = sorted({pos, *range((pos // step + 1) * step, end, step), end})
+            tail = not write and on_piece is not None
+            fine = max(pos, (end - step) // CHUNK_BYTES * CHUNK_BYTES) if tail else end
+            cuts = sorted(
+                {
+                    pos,
+                    *range((pos // step + 1) * step, fine, step),
+                    *range(max(fine, (pos // CHUNK_BYTES + 1) * CHUNK_BYTES), end, CHUNK_BYTES),
+                    fine,
+                    end,
+                }
+            )
             plans.append(
                 [
                     (a, ext.file, ext.file_offset + a - pos, b - a)
@@ -514,8 +525,9 @@ class TieredStore:
 
     def _load_bytes(self, entry: Entry, out: torch.Tensor, also=None) -> None:
         """Read ``entry`` into ``out`` and check it; ``also(at, piece)`` sees each piece as soon
-        as it is in, while later pieces are still being read. The aio lanes hash each piece as
-        it completes (checksum.py), so the check costs no time after the last byte."""
+        as it is in, while later pieces are still being read. The hashing threads hash each
+        finished piece's chunks in parallel (checksum.py), so the check costs about one chunk's
+        hash after the last byte."""
         if not self.config.verify_checksums:
             self._io(out, entry.extents, write=False, on_piece=also)
             return
