@@ -144,14 +144,16 @@ def _units(model, layout: ModelLayout, granularity: str) -> list[StreamUnit]:
     names = list(groups)
     first_layer = next((j for j, u in enumerate(names) if u.startswith(prefix)), len(names))
 
+    def layer_of(unit: str) -> int | None:
+        return int(unit[len(prefix) :].split(".")[0]) if unit.startswith(prefix) else None
+
     def rank(unit: str) -> tuple:
-        j = names.index(unit)
-        if not unit.startswith(prefix):  # before or after the layers
+        j, layer = names.index(unit), layer_of(unit)
+        if layer is None:  # before or after the layers
             return (0 if j < first_layer else 2, j)
-        index, *rest = unit[len(prefix) :].split(".")
-        leaf = rest[-1] if rest else ""
+        leaf = unit[len(prefix) :].split(".")[-1]
         pos = _BLOCK_ORDER.index(leaf) if leaf in _BLOCK_ORDER else len(_BLOCK_ORDER)
-        return (1, int(index), pos, j)
+        return (1, layer, pos, j)
 
     records = {r.key: r for r in layout.tensors.values()}  # fp8 scales have their own
     units = []
@@ -163,8 +165,9 @@ def _units(model, layout: ModelLayout, granularity: str) -> list[StreamUnit]:
         for key in dict.fromkeys(keys):  # tied weights: once
             pieces.append(Piece(records[key], offset))
             offset += _aligned(records[key].nbytes)
-        layer = int(name[len(prefix) :].split(".")[0]) if name.startswith(prefix) else None
-        units.append(StreamUnit(name, model.get_submodule(name), slots, pieces, offset, layer))
+        units.append(
+            StreamUnit(name, model.get_submodule(name), slots, pieces, offset, layer_of(name))
+        )
     return units
 
 
