@@ -50,6 +50,9 @@ def _configs(ctx) -> list[tuple[str, float | None, int]]:
     matrix = {"granularity": "matrix", "gpu_bytes": 2 * ctx.shape.vocab * ctx.shape.hidden * 2}
     matrix["gpu_bytes"] += 64 << 20
     out.append(("all streaming, matrix granularity", None, 2 * L, matrix))
+    for gib in ctx.args.matrix_gpu:  # more GPU memory: the plan keeps some matrices there
+        more = {"granularity": "matrix", "gpu_bytes": int(gib * GIB)}
+        out.append((f"matrix granularity, GPU {gib:g} GiB", None, 2 * L, more))
     if ctx.args.unverified:  # what verifying every byte read costs (xxh3, hashing threads)
         out.append(("all streaming, checksums not verified", None, 2 * L, {"verify_checksums": 0}))
     out += [

@@ -244,6 +244,12 @@ def parse_args(argv=None):
     ap.add_argument("--pinned-fractions", default="0.25,0.5,1.0")
     ap.add_argument("--unverified", action="store_true", help="ours: also without checksums")
     ap.add_argument(
+        "--matrix-gpu",
+        default="",
+        help="ours: matrix granularity also at these GPU budgets, GiB (e.g. 2,4,8): the "
+        "granularity / GPU memory / time trade-off",
+    )
+    ap.add_argument(
         "--pairs",
         type=int,
         help="ours: cold first passes after load, each beside a raw read of the same files "
@@ -310,6 +316,7 @@ def parse_args(argv=None):
     args.airllm_variants = split(args.airllm_variants)
     args.infinity_dtypes = split(args.infinity_dtypes)
     args.pinned_fractions = [float(x) for x in split(args.pinned_fractions)]
+    args.matrix_gpu = [float(x) for x in split(args.matrix_gpu)]
     args.decode_batches = [int(x) for x in split(args.decode_batches)]
     args.disk_probe_bytes = parse_size(args.disk_probe_bytes)
     if args.pairs is None:
