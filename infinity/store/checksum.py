@@ -30,6 +30,15 @@ def _array(piece) -> np.ndarray | bytes:
     return piece
 
 
+def chunk_cuts(at: int, n: int):
+    """(offset into the piece, length) of each chunk-bounded part of ``n`` bytes at ``at``."""
+    pos = 0
+    while pos < n:
+        step = min(n - pos, CHUNK_BYTES - (at + pos) % CHUNK_BYTES)
+        yield pos, step
+        pos += step
+
+
 class ChunkHasher:
     """Digest of ``nbytes`` of tensor data fed as pieces ``add(at, piece)`` in any order, from
     any thread (each piece must lie within one chunk). ``digest()`` once everything is in."""
@@ -80,11 +89,8 @@ class ChunkHasher:
     def update(self, at: int, piece) -> None:
         """Feed a piece that may span several chunks (cut here)."""
         n = len(piece) if not isinstance(piece, torch.Tensor) else piece.numel()
-        pos = 0
-        while pos < n:
-            step = min(n - pos, CHUNK_BYTES - (at + pos) % CHUNK_BYTES)
+        for pos, step in chunk_cuts(at, n):
             self.add(at + pos, piece[pos : pos + step])
-            pos += step
 
     def digest(self) -> str:
         if self.scheme == _FLAT:

@@ -45,7 +45,7 @@ from infinity.store._checks import (
     read_file,
     take_lock,
 )
-from infinity.store.checksum import CHUNK_BYTES, ChunkHasher, scheme_of
+from infinity.store.checksum import CHUNK_BYTES, ChunkHasher, chunk_cuts, scheme_of
 from infinity.store.config import StoreConfig, StoreStats
 from infinity.store.extents import SpaceMap
 from infinity.store.manifest import Entry
@@ -475,9 +475,9 @@ class TieredStore:
         start = time.perf_counter()
         plans, pos = [], 0
         step = max(self._piece_bytes, WRITE_PIECE_BYTES) if write else self._piece_bytes
+        tail = not write and on_piece is not None
         for ext in extents:
             end = pos + ext.nbytes
-            tail = not write and on_piece is not None
             fine = max(pos, (end - step) // CHUNK_BYTES * CHUNK_BYTES) if tail else end
             cuts = sorted(
                 {
@@ -695,9 +695,7 @@ class _Callbacks:
     def _split(self, future: Future, at: int, piece: torch.Tensor) -> None:
         try:
             if future.exception() is None:
-                pos, n = 0, piece.numel()
-                while pos < n:
-                    step = min(n - pos, CHUNK_BYTES - (at + pos) % CHUNK_BYTES)
+                for pos, step in chunk_cuts(at, piece.numel()):
                     with self.cond:
                         self.pending += 1
                     try:
@@ -705,7 +703,6 @@ class _Callbacks:
                     except BaseException:
                         self._finish()
                         raise
-                    pos += step
         except BaseException as exc:  # noqa: BLE001 (handed to the waiting thread)
             self._failed(exc)
         finally:
