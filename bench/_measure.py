@@ -166,18 +166,10 @@ def disk_read_gbps(files: list[str], limit: int, cold_paths: list[str]) -> dict:
     does not load. The bound must be the best the raw engine does, or ratios exceed 1."""
     runs, errors = [], []
     for piece, inflight, lanes in ((256 << 20, 2, None), (64 << 20, 8, 4)):
-        cache = drop_caches(cold_paths)
         try:
-            seconds, total = _aio_read(files, limit, piece, inflight, lanes)
+            runs.append(_probe(files, limit, cold_paths, piece, inflight, lanes))
         except Exception as exc:  # noqa: BLE001 - any failure: fall back, say why
             errors.append(repr(exc)[:200])
-            continue
-        lane_text = f", {lanes} lanes" if lanes else ""
-        runs.append({
-            "gbps": total / seconds / 1e9, "bytes": total, "s": seconds, "cache": cache,
-            "method": f"infinity AioEngine (DeepSpeed aio, O_DIRECT), {inflight} x "
-                      f"{piece >> 20} MiB in flight{lane_text}",
-        })  # fmt: skip
     if not runs:
         cache = drop_caches(cold_paths)
         plan = _pieces(files, limit, 16 << 20)
@@ -190,16 +182,21 @@ def disk_read_gbps(files: list[str], limit: int, cold_paths: list[str]) -> dict:
     return {**best, "probes": runs}
 
 
-def read_files(files: list[str], cold_paths: list[str], piece=64 << 20, inflight=8, lanes=4):
+def read_files(files: list[str], cold_paths: list[str]) -> dict:
     """Cold O_DIRECT read of the whole of ``files`` with the raw AioEngine in the store's shape
     (64 MiB pieces, 8 in flight over 4 lanes): the disk's speed on exactly these bytes, now."""
-    cache = drop_caches(cold_paths)
     size = sum(os.path.getsize(f) for f in files)
-    seconds, total = _aio_read(files, size, piece, inflight, lanes)
+    return _probe(files, size, cold_paths, 64 << 20, 8, 4)
+
+
+def _probe(files, limit: int, cold_paths, piece: int, inflight: int, lanes) -> dict:
+    cache = drop_caches(cold_paths)
+    seconds, total = _aio_read(files, limit, piece, inflight, lanes)
+    lane_text = f", {lanes} lanes" if lanes else ""
     return {
         "gbps": total / seconds / 1e9, "bytes": total, "s": seconds, "cache": cache,
         "method": f"infinity AioEngine (DeepSpeed aio, O_DIRECT), {inflight} x "
-                  f"{piece >> 20} MiB in flight, {lanes} lanes",
+                  f"{piece >> 20} MiB in flight{lane_text}",
     }  # fmt: skip
 
 

@@ -105,10 +105,10 @@ def _run_config(ctx, load, store, label, frac, pinned, extra, weight_bytes, deco
                 stats=partial(_stats, model),
                 **fields,
             )
-            _add_io(model, row, marks)
+            _add_io(model, row["passes"], marks)
             ctx.save()
             if dtype not in ctx.logits:  # the first config of each dtype: for fp8 vs bf16
-                ctx.logits[dtype] = marks["logits"]
+                ctx.logits[dtype] = marks["logits"].float().cpu()
             if decode:
                 _decode_rows(ctx, f"infinity {dtype}, {label}", model, **fields)
     finally:
@@ -121,7 +121,7 @@ def _run_config(ctx, load, store, label, frac, pinned, extra, weight_bytes, deco
 
 def _marked(model, ids, device):
     """A forward pass that notes when it began and ended (for the executor's timeline) and
-    keeps its logits (float32, on the CPU)."""
+    keeps its logits (on the device: copied out after the timing, if needed)."""
     marks = {"spans": []}
 
     def fwd():
@@ -130,16 +130,16 @@ def _marked(model, ids, device):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         marks["spans"].append((start, time.perf_counter()))
-        marks["logits"] = out.logits.float().cpu()
+        marks["logits"] = out.logits
 
     return fwd, marks
 
 
-def _add_io(model, row: dict, marks: dict) -> None:
-    """Each pass's disk activity (``_measure.io_summary``) into the row."""
+def _add_io(model, passes: list[dict], marks: dict) -> None:
+    """Each pass's disk activity (``_measure.io_summary``) into its record."""
     timeline = list(model.infinity.timeline)
     sizes = [u.nbytes for u in model.infinity.units]
-    for p, (t0, t1) in zip(row["passes"], marks["spans"], strict=False):
+    for p, (t0, t1) in zip(passes, marks["spans"], strict=False):
         p["io"] = io_summary(timeline, sizes, t0, t1)
 
 
@@ -169,10 +169,7 @@ def _paired(ctx, load, store: str, pinned: int) -> None:
             fwd, marks = _marked(model, ctx.ids(1), ctx.device)
             with torch.no_grad():
                 p = timed_pass(fwd, ctx.device, ctx.cold_paths)
-            p["io"] = io_summary(
-                list(model.infinity.timeline), [u.nbytes for u in model.infinity.units],
-                *marks["spans"][0],
-            )  # fmt: skip
+            _add_io(model, [p], marks)
             p["stats"] = _stats(model)
         finally:
             model.infinity.close()
