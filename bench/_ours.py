@@ -62,7 +62,7 @@ def _configs(ctx) -> list[tuple[str, float | None, int]]:
     return out
 
 
-def _run_config(ctx, load, store, label, frac, pinned, extra, weight_bytes, decode, dtype):
+def _run_config(ctx, load, store, label, frac, pinned, extra, weight_bytes, decode, dtype, fresh):
     gpu = extra.get("gpu_bytes", ctx.gpu_bytes)
     granularity = extra.get("granularity", "layer")
     verify = bool(extra.get("verify_checksums", True))
@@ -106,6 +106,12 @@ def _run_config(ctx, load, store, label, frac, pinned, extra, weight_bytes, deco
                 **fields,
             )
             _add_io(model, row["passes"], marks)
+            if fresh and ctx.args.pairs:  # the process's first pass, against the disk just after
+                probe = read_files(_store_files(store), ctx.cold_paths)
+                row["fresh_pair"] = _pair(
+                    ctx, "fresh", probe, row["passes"][0], weight_bytes, False
+                )
+                row["fresh_pair"].pop("pass")  # it is passes[0]
             ctx.save()
             if dtype not in ctx.logits:  # the first config of each dtype: for fp8 vs bf16
                 ctx.logits[dtype] = marks["logits"].float().cpu()
@@ -154,6 +160,22 @@ def _store_files(store: str) -> list[str]:
     return files
 
 
+def _pair(ctx, what: str, probe: dict, p: dict, w: int, probe_first: bool) -> dict:
+    bound = w / (probe["gbps"] * 1e9)
+    ctx.log(
+        f"{what}: raw read {probe['gbps']:.2f} GB/s -> bound {bound:.3f} s; "
+        f"first pass {p['s']:.3f} s; ratio {bound / p['s']:.3f}"
+    )
+    order = "probe, pass" if probe_first else "pass, probe"
+    return {
+        "order": order,
+        "probe": probe,
+        "pass": p,
+        "bound_s": bound,
+        "bound_over_pass": bound / p["s"],
+    }
+
+
 def _paired(ctx, load, store: str, pinned: int) -> None:
     """Cold first passes after a fresh ``load``, each next to a raw-engine read of the same
     store files, in the order probe-pass, pass-probe, ... (the disk drifts during a run, and a
@@ -177,13 +199,7 @@ def _paired(ctx, load, store: str, pinned: int) -> None:
             gc.collect()
         if probe is None:
             probe = read_files(files, ctx.cold_paths)
-        bound = w / (probe["gbps"] * 1e9)
-        pairs.append({"order": "probe, pass" if k % 2 == 0 else "pass, probe", "probe": probe,
-                      "pass": p, "bound_s": bound, "bound_over_pass": bound / p["s"]})  # fmt: skip
-        ctx.log(
-            f"pair {k}: raw read {probe['gbps']:.2f} GB/s -> bound {bound:.3f} s; "
-            f"first pass {p['s']:.3f} s; ratio {bound / p['s']:.3f}"
-        )
+        pairs.append(_pair(ctx, f"pair {k}", probe, p, w, k % 2 == 0))
     ratios = sorted(x["bound_over_pass"] for x in pairs)
     ctx.add_row({
         "name": "infinity bf16, 1st pass after load, paired with a raw read of the same files",
@@ -247,7 +263,8 @@ def run_infinity(ctx) -> None:
         for k, (label, frac, pinned, extra) in enumerate(todo):
             decode = dtype == "bf16" and k == len(todo) - 1  # the most pinned config
             try:
-                _run_config(ctx, load, store, label, frac, pinned, extra, w, decode, dtype)
+                fresh = dtype == a.infinity_dtypes[0] and k == 0  # this process's first pass
+                _run_config(ctx, load, store, label, frac, pinned, extra, w, decode, dtype, fresh)
             except Exception as exc:  # noqa: BLE001
                 ctx.error(f"infinity {dtype}, {label}", exc, traceback.format_exc())
         if dtype == "bf16" and a.pairs:

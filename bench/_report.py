@@ -185,6 +185,13 @@ def _print_disk(out: dict) -> None:
                     f"busy, first read at {io['first_read_after_s']:.3f} s, "
                     f"{io['tail_after_last_read_s']:.3f} s after the last"
                 )
+        fresh = r.get("fresh_pair")
+        if fresh:
+            print(
+                f"{r['name']}, the process's first pass, then a raw read: "
+                f"{fresh['probe']['gbps']:.2f} GB/s, bound {fresh['bound_s']:.3f} s, "
+                f"ratio {fresh['bound_over_pass']:.3f}"
+            )
         for x in r.get("pairs", []):
             io = x["pass"].get("io") or {}
             print(

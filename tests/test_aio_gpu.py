@@ -2,6 +2,7 @@
 
 import os
 
+import psutil
 import pytest
 import torch
 
@@ -62,3 +63,29 @@ def test_gpu_pinned_pool_is_torch_pinned():
         view = pool.alloc(12345)
         assert view.is_pinned() and view.data_ptr() % 4096 == 0
         pool.free(view)
+
+
+def test_gpu_pinned_pool_pins_exactly_its_size_and_unpins_on_close(gpu_engine, disk_dir):
+    """Registered, not torch's power-of-two caching allocator: the region is the pool's own and
+    goes back at close (unregistering it again then fails)."""
+    from infinity.io import PinnedPool
+
+    cudart = torch.cuda.cudart()
+    rss = psutil.Process().memory_info().rss
+    pool = PinnedPool((256 << 20) + 4096)
+    assert psutil.Process().memory_info().rss - rss > (250 << 20)  # pinned means resident
+    ptr = pool._buffer.untyped_storage().data_ptr()
+    first = pool.alloc(4096)  # the next view starts inside the storage, not at its first byte
+    view = pool.alloc(3 << 20)
+    assert view.is_pinned()  # else DeepSpeed's aio would bounce every transfer
+    view.copy_(torch.randint(0, 256, (3 << 20,), dtype=torch.uint8))
+    path = os.path.join(disk_dir, "p.bin")
+    gpu_engine.write(view, path, 0)  # O_DIRECT straight from the registered region
+    on_gpu = view.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(on_gpu.cpu(), view)
+    pool.free(view)
+    pool.free(first)
+    pool.close()
+    assert cudart.cudaHostUnregister(ptr) != cudart.cudaError.success
+    assert psutil.Process().memory_info().rss - rss < (64 << 20)  # exact size, not cached

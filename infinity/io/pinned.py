@@ -4,7 +4,10 @@ Pinning is slow and per-buffer pinning fragments host memory (a known cause of h
 DeepSpeed's swapper), so the pool pins once and hands out views.
 
 Memory kinds (``kind=``):
-- ``"cuda"``: torch pinned memory (cudaHostAlloc); fast host<->GPU copies. Default with CUDA.
+- ``"cuda"``: host memory registered with CUDA (cudaHostRegister), exactly the size asked for;
+  fast host<->GPU copies. Default with CUDA. (torch's pinned allocator, ``pin_memory=True``,
+  rounds each block up to a power of two and keeps freed blocks cached: a 6.9 GB pool takes
+  8 GiB and stays pinned after close; the bench's run under a 10 GiB cgroup was OOM-killed.)
 - ``"locked"``: DeepSpeed's page-locked allocator (``new_cpu_locked_tensor``: aligned + mlock),
   which its aio handle recognises as direct-I/O capable. Default without CUDA.
 - ``"aligned"``: plain aligned memory, no locking (DeepSpeed then bounces every transfer).
@@ -61,14 +64,20 @@ class PinnedPool:
         if nbytes == 0:
             return torch.empty(0, dtype=torch.uint8)
         if self.kind == "cuda":
-            try:  # torch's pinned allocator may return 512-byte aligned blocks: over-allocate
-                raw = torch.empty(nbytes + self.alignment, dtype=torch.uint8, pin_memory=True)
-                shift = (-raw.data_ptr()) % self.alignment
-                return raw[shift : shift + nbytes]
-            except RuntimeError as exc:
+            view = self._aligned(nbytes)
+            # torch's is_pinned() (and so DeepSpeed's aio, which bounces through its own locked
+            # buffer otherwise) asks CUDA about the storage's first byte, not the view's:
+            # register the whole storage.
+            storage = view.untyped_storage()
+            cudart = torch.cuda.cudart()
+            err = cudart.cudaHostRegister(storage.data_ptr(), storage.nbytes(), 0)
+            if err != cudart.cudaError.success:
                 raise CapacityError(
-                    f"cannot pin {format_size(nbytes)} of host memory: {exc}; lower the pool size"
-                ) from exc
+                    f"cannot pin {format_size(nbytes)} of host memory (cudaHostRegister: "
+                    f"{err}); lower the pool size or raise the memory limit"
+                )
+            self._registered = storage.data_ptr()
+            return view
         if self.kind == "locked":
             limit = memlock_limit_bytes()
             if limit is not None and limit < nbytes and not _can_lock_unlimited():
@@ -85,6 +94,9 @@ class PinnedPool:
                 handle = load_aio().aio_handle(1024 * 1024, 1, False, False, 1)
                 self._locker = handle  # keeps the manager's owner alive with the pool
                 return handle.new_cpu_locked_tensor(nbytes, torch.empty(0, dtype=torch.uint8))
+        return self._aligned(nbytes)
+
+    def _aligned(self, nbytes: int) -> torch.Tensor:
         raw = torch.empty(nbytes + self.alignment, dtype=torch.uint8)
         shift = (-raw.data_ptr()) % self.alignment
         return raw[shift : shift + nbytes]
@@ -130,8 +142,17 @@ class PinnedPool:
             return
         if getattr(self, "_locker", None) is not None and self._buffer.numel():
             self._locker.free_cpu_locked_tensor(self._buffer)
-        self._locker = None
+        if getattr(self, "_registered", None) is not None:
+            torch.cuda.cudart().cudaHostUnregister(self._registered)
+        self._locker = self._registered = None
         self._buffer = torch.empty(0, dtype=torch.uint8)
+
+    def __del__(self) -> None:  # registered memory must be unregistered before it is freed
+        if getattr(self, "_registered", None) is not None:
+            # Views that outlive the pool keep the memory alive; unregistered, it stays valid
+            # (pageable), and freeing it later cannot leave a stale registration behind.
+            torch.cuda.cudart().cudaHostUnregister(self._registered)
+            self._registered = None
 
     def __enter__(self) -> PinnedPool:
         return self
