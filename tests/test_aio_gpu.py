@@ -86,6 +86,7 @@ def test_gpu_pinned_pool_pins_exactly_its_size_and_unpins_on_close(gpu_engine, d
     assert torch.equal(on_gpu.cpu(), view)
     pool.free(view)
     pool.free(first)
+    del view, first  # views keep the storage alive
     pool.close()
     assert cudart.cudaHostUnregister(ptr) != cudart.cudaError.success
     assert psutil.Process().memory_info().rss - rss < (64 << 20)  # exact size, not cached
