@@ -15,7 +15,9 @@ Memory kinds (``kind=``):
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import mmap
 import resource
 import threading
 
@@ -64,14 +66,16 @@ class PinnedPool:
         if nbytes == 0:
             return torch.empty(0, dtype=torch.uint8)
         if self.kind == "cuda":
-            view = self._aligned(nbytes)
-            # torch's is_pinned() (and so DeepSpeed's aio, which bounces through its own locked
-            # buffer otherwise) asks CUDA about the storage's first byte, not the view's:
-            # register the whole storage.
+            # An anonymous mapping: page-aligned pages of its own (two heap blocks may share a
+            # page, and CUDA refuses to register a page twice), given back when the last view
+            # dies. torch's is_pinned() (so DeepSpeed's aio, which bounces every transfer
+            # otherwise) asks CUDA about the storage's first byte: the mapping's first byte.
+            view = torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
             storage = view.untyped_storage()
             cudart = torch.cuda.cudart()
             err = cudart.cudaHostRegister(storage.data_ptr(), storage.nbytes(), 0)
             if err != cudart.cudaError.success:
+                clear_cuda_error()
                 raise CapacityError(
                     f"cannot pin {format_size(nbytes)} of host memory (cudaHostRegister: "
                     f"{err}); lower the pool size or raise the memory limit"
@@ -143,7 +147,7 @@ class PinnedPool:
         if getattr(self, "_locker", None) is not None and self._buffer.numel():
             self._locker.free_cpu_locked_tensor(self._buffer)
         if getattr(self, "_registered", None) is not None:
-            torch.cuda.cudart().cudaHostUnregister(self._registered)
+            _unregister(self._registered)
         self._locker = self._registered = None
         self._buffer = torch.empty(0, dtype=torch.uint8)
 
@@ -151,7 +155,7 @@ class PinnedPool:
         if getattr(self, "_registered", None) is not None:
             # Views that outlive the pool keep the memory alive; unregistered, it stays valid
             # (pageable), and freeing it later cannot leave a stale registration behind.
-            torch.cuda.cudart().cudaHostUnregister(self._registered)
+            _unregister(self._registered)
             self._registered = None
 
     def __enter__(self) -> PinnedPool:
@@ -159,6 +163,25 @@ class PinnedPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _unregister(ptr: int) -> None:
+    cudart = torch.cuda.cudart()
+    err = cudart.cudaHostUnregister(ptr)
+    if err != cudart.cudaError.success:
+        clear_cuda_error()
+        log.warning("cudaHostUnregister(%#x) failed: %s", ptr, err)
+
+
+def clear_cuda_error() -> None:
+    """Reset CUDA's last-error state after a failed runtime call of ours. It is per thread and
+    stays set until read, so torch's next kernel-launch check would raise it as its own error."""
+    for line in open("/proc/self/maps"):
+        path = line.split()[-1]
+        if "libcudart.so" in path:  # the runtime torch loaded (its soname varies by release)
+            ctypes.CDLL(path).cudaGetLastError()
+            return
+    log.warning("libcudart not found among the loaded libraries: CUDA's last error not cleared")
 
 
 def _can_lock_unlimited() -> bool:
