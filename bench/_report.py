@@ -272,7 +272,10 @@ def plot(out: dict, shape, path: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("layers kept resident in pinned RAM + GPU (fraction of the layers' bytes)")
     ax.set_ylabel("seconds per forward (batch 1, 16 tokens)")
-    ax.set_title(f"Llama-70B-shaped, {shape.layers} layers ({w / GB:.2f} GB), cold, {gpu_name()}")
+    gpus = out.get("machine", {}).get("gpus") or [{"name": gpu_name()}]
+    title = f"Llama-70B-shaped, {shape.layers} layers ({w / GB:.2f} GB), cold, {gpus[0]['name']}"
+    cap = out.get("config", {}).get("cgroup_mem")
+    ax.set_title(title + (f"; every system under cgroup memory.max {cap}" if cap else ""))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()

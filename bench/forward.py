@@ -287,6 +287,7 @@ def parse_args(argv=None):
     ap.add_argument("--keep", action="store_true", help="keep our stores and DeepSpeed's swap")
     ap.add_argument("--clean", action="store_true", help="delete the checkpoint at the end too")
     ap.add_argument("--json", help="default bench/results/forward-<gpu>-<date>.json")
+    ap.add_argument("--replot", metavar="JSON", help="only redraw the PNG beside this result")
     ap.add_argument("--system", help=argparse.SUPPRESS)
     ap.add_argument("--child-config", help=argparse.SUPPRESS)
     ap.add_argument("--capped", action="store_true", help=argparse.SUPPRESS)
@@ -326,6 +327,11 @@ def parse_args(argv=None):
 
 def main() -> None:
     args = parse_args()
+    if args.replot:  # the PNG again from a result's JSON
+        out = json.load(open(args.replot))
+        shape = shape_of(argparse.Namespace(**out["config"]))
+        _report.plot(out, shape, os.path.splitext(args.replot)[0] + ".png")
+        return
     if args.system:
         res = run_system(args, args.system, args.json, capped=args.capped)
         sys.exit(0 if res["status"] in ("ok", "partial") else 1)
