@@ -72,7 +72,7 @@ def info(directory: str | None, as_json: bool) -> None:
         f"RAM: {format_size(host['ram_total_bytes'])} total, "
         f"{format_size(host['ram_available_bytes'])} available; memlock limit "
         f"{'unlimited' if memlock is None else format_size(memlock)}; pinned headroom "
-        f"{format_size(host['pinned_headroom_bytes'])} (cudaHostAlloc), "
+        f"{format_size(host['pinned_headroom_bytes'])} (CUDA-registered), "
         f"{format_size(host['locked_headroom_bytes'])} (mlock)"
     )
     if "dir" in data:

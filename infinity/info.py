@@ -69,8 +69,8 @@ def host() -> dict[str, Any]:
     mem = psutil.virtual_memory()
     memlock = memlock_limit_bytes()
     root = os.geteuid() == 0
-    # cudaHostAlloc is not bounded by RLIMIT_MEMLOCK; mlock (DeepSpeed's locked tensors) is,
-    # unless the process has CAP_IPC_LOCK (root).
+    # CUDA-registered memory is not bounded by RLIMIT_MEMLOCK; mlock (DeepSpeed's locked
+    # tensors) is, unless the process has CAP_IPC_LOCK (root).
     locked_headroom = mem.available if (memlock is None or root) else min(memlock, mem.available)
     return {
         "cpu_count": os.cpu_count(),
