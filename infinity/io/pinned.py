@@ -4,8 +4,8 @@ Pinning is slow and per-buffer pinning fragments host memory (a known cause of h
 DeepSpeed's swapper), so the pool pins once and hands out views.
 
 Memory kinds (``kind=``):
-- ``"cuda"``: host memory registered with CUDA (cudaHostRegister), exactly the size asked for;
-  fast host<->GPU copies. Default with CUDA. (torch's pinned allocator, ``pin_memory=True``,
+- ``"cuda"``: an anonymous mapping registered with CUDA (cudaHostRegister), exactly the size
+  asked for, unregistered at close; fast host<->GPU copies. Default with CUDA. (torch's pinned allocator, ``pin_memory=True``,
   rounds each block up to a power of two and keeps freed blocks cached: a 6.9 GB pool takes
   8 GiB and stays pinned after close; the bench's run under a 10 GiB cgroup was OOM-killed.)
 - ``"locked"``: DeepSpeed's page-locked allocator (``new_cpu_locked_tensor``: aligned + mlock),
@@ -176,11 +176,11 @@ def _unregister(ptr: int) -> None:
 def clear_cuda_error() -> None:
     """Reset CUDA's last-error state after a failed runtime call of ours. It is per thread and
     stays set until read, so torch's next kernel-launch check would raise it as its own error."""
-    for line in open("/proc/self/maps"):
-        path = line.split()[-1]
-        if "libcudart.so" in path:  # the runtime torch loaded (its soname varies by release)
-            ctypes.CDLL(path).cudaGetLastError()
-            return
+    with open("/proc/self/maps") as maps:
+        paths = {line.split()[-1] for line in maps if "libcudart.so" in line}
+    for path in sorted(paths):  # the runtime torch loaded (its soname varies by release)
+        ctypes.CDLL(path).cudaGetLastError()
+        return
     log.warning("libcudart not found among the loaded libraries: CUDA's last error not cleared")
 
 
