@@ -6,8 +6,9 @@ DeepSpeed's swapper), so the pool pins once and hands out views.
 Memory kinds (``kind=``):
 - ``"cuda"``: an anonymous mapping registered with CUDA (cudaHostRegister), exactly the size
   asked for, unregistered at close; fast host<->GPU copies. Default with CUDA. (torch's pinned
-  allocator, ``pin_memory=True``, rounds each block up to a power of two and keeps freed blocks cached: a 6.9 GB pool takes
-  8 GiB and stays pinned after close; the bench's run under a 10 GiB cgroup was OOM-killed.)
+  allocator, ``pin_memory=True``, rounds each block up to a power of two and keeps freed blocks
+  cached: a 6.9 GB pool takes 8 GiB and stays pinned after close; the bench's run under a 10 GiB
+  cgroup was OOM-killed.)
 - ``"locked"``: DeepSpeed's page-locked allocator (``new_cpu_locked_tensor``: aligned + mlock),
   which its aio handle recognises as direct-I/O capable. Default without CUDA.
 - ``"aligned"``: plain aligned memory, no locking (DeepSpeed then bounces every transfer).
