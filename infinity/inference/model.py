@@ -238,7 +238,7 @@ def _warm_up(model, units: list[StreamUnit], dev, dtype, tokens: int = 8) -> Non
     scratch = torch.zeros(max(u.nbytes for u in units), dtype=torch.uint8, device=dev)
     handles = []
     for u in units:
-        tensors = {p.record.key: p.view(scratch) for p in u.pieces}
+        tensors = u.views(scratch)
         handles.append(
             u.module.register_forward_pre_hook(lambda m, a, u=u, t=tensors: bind(u.slots, t, dtype))
         )

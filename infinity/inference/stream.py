@@ -76,6 +76,10 @@ class StreamUnit:
     def keys(self) -> list[str]:
         return [p.record.key for p in self.pieces]
 
+    def views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each stored tensor, by key, as a view of the unit's ``buffer``."""
+        return {p.record.key: p.view(buffer) for p in self.pieces}
+
 
 def bind(slots: list[Slot], tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
     """Point each slot's parameter at its tensor, in the compute dtype (fp8: w * scale)."""
@@ -212,7 +216,7 @@ class Streamer:
         self._stats["copy_s"] += time.perf_counter() - start
         self._stats["copies"] += 1
         self._stats["h2d_bytes"] += unit.nbytes
-        return {p.record.key: p.view(buffer) for p in unit.pieces}, ready
+        return unit.views(buffer), ready
 
     def _direct(self, unit: StreamUnit):
         """No pinned budget: each key from disk to the device through the store."""
