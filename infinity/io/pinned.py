@@ -99,9 +99,6 @@ class PinnedPool:
                 handle = load_aio().aio_handle(1024 * 1024, 1, False, False, 1)
                 self._locker = handle  # keeps the manager's owner alive with the pool
                 return handle.new_cpu_locked_tensor(nbytes, torch.empty(0, dtype=torch.uint8))
-        return self._aligned(nbytes)
-
-    def _aligned(self, nbytes: int) -> torch.Tensor:
         raw = torch.empty(nbytes + self.alignment, dtype=torch.uint8)
         shift = (-raw.data_ptr()) % self.alignment
         return raw[shift : shift + nbytes]
@@ -177,12 +174,12 @@ def _unregister(ptr: int) -> None:
 def clear_cuda_error() -> None:
     """Reset CUDA's last-error state after a failed runtime call of ours. It is per thread and
     stays set until read, so torch's next kernel-launch check would raise it as its own error."""
-    with open("/proc/self/maps") as maps:
-        paths = {line.split()[-1] for line in maps if "libcudart.so" in line}
-    for path in sorted(paths):  # the runtime torch loaded (its soname varies by release)
-        ctypes.CDLL(path).cudaGetLastError()
-        return
-    log.warning("libcudart not found among the loaded libraries: CUDA's last error not cleared")
+    with open("/proc/self/maps") as maps:  # the runtime torch loaded (its soname varies)
+        paths = sorted({line.split()[-1] for line in maps if "libcudart.so" in line})
+    if paths:
+        ctypes.CDLL(paths[0]).cudaGetLastError()
+    else:
+        log.warning("libcudart not found among the loaded libraries: CUDA's last error not cleared")
 
 
 def _can_lock_unlimited() -> bool:
