@@ -111,7 +111,6 @@ def _run_config(ctx, load, store, label, frac, pinned, extra, weight_bytes, deco
                 row["fresh_pair"] = _pair(
                     ctx, "fresh", probe, row["passes"][0], weight_bytes, False
                 )
-                row["fresh_pair"].pop("pass")  # it is passes[0]
             ctx.save()
             if dtype not in ctx.logits:  # the first config of each dtype: for fp8 vs bf16
                 ctx.logits[dtype] = marks["logits"].float().cpu()
@@ -161,6 +160,7 @@ def _store_files(store: str) -> list[str]:
 
 
 def _pair(ctx, what: str, probe: dict, p: dict, w: int, probe_first: bool) -> dict:
+    """A raw read against the pass ``p`` beside it (the pass itself is not copied in)."""
     bound = w / (probe["gbps"] * 1e9)
     ctx.log(
         f"{what}: raw read {probe['gbps']:.2f} GB/s -> bound {bound:.3f} s; "
@@ -170,7 +170,6 @@ def _pair(ctx, what: str, probe: dict, p: dict, w: int, probe_first: bool) -> di
     return {
         "order": order,
         "probe": probe,
-        "pass": p,
         "bound_s": bound,
         "bound_over_pass": bound / p["s"],
     }
@@ -199,7 +198,7 @@ def _paired(ctx, load, store: str, pinned: int) -> None:
             gc.collect()
         if probe is None:
             probe = read_files(files, ctx.cold_paths)
-        pairs.append(_pair(ctx, f"pair {k}", probe, p, w, k % 2 == 0))
+        pairs.append({**_pair(ctx, f"pair {k}", probe, p, w, k % 2 == 0), "pass": p})
     ratios = sorted(x["bound_over_pass"] for x in pairs)
     ctx.add_row({
         "name": "infinity bf16, 1st pass after load, paired with a raw read of the same files",

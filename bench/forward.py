@@ -328,7 +328,8 @@ def parse_args(argv=None):
 def main() -> None:
     args = parse_args()
     if args.replot:  # the PNG again from a result's JSON
-        out = json.load(open(args.replot))
+        with open(args.replot) as f:
+            out = json.load(f)
         shape = shape_of(argparse.Namespace(**out["config"]))
         _report.plot(out, shape, os.path.splitext(args.replot)[0] + ".png")
         return
