@@ -25,6 +25,8 @@ from typing import Any
 from infinity.errors import ConfigError
 
 ALIGNMENT_BYTES = 4096  # O_DIRECT alignment used for buffers, offsets and sizes
+MAX_LANES = 256  # AioConfig.lanes: each lane owns two bounce buffers and its handles' threads
+MAX_INTRA_OP_PARALLELISM = 256  # AioConfig.intra_op_parallelism: threads of one handle
 
 _UNITS = {
     "": 1,
@@ -150,9 +152,16 @@ class AioConfig:
             )
         if self.queue_depth > 4096:
             raise ConfigError(f"AioConfig.queue_depth={self.queue_depth} exceeds 4096")
-        if self.intra_op_parallelism > 256:
+        if self.intra_op_parallelism > MAX_INTRA_OP_PARALLELISM:
             raise ConfigError(
-                f"AioConfig.intra_op_parallelism={self.intra_op_parallelism} exceeds 256 threads"
+                f"AioConfig.intra_op_parallelism={self.intra_op_parallelism} exceeds "
+                f"{MAX_INTRA_OP_PARALLELISM} threads per handle; 8 saturates most NVMe drives"
+            )
+        if self.lanes > MAX_LANES:
+            raise ConfigError(
+                f"AioConfig.lanes={self.lanes} exceeds {MAX_LANES}: each lane owns two pinned "
+                f"bounce buffers of bounce_buffer_bytes and up to 2 x (intra_op_parallelism + 1) "
+                "threads; 2 to 8 lanes keep a drive busy"
             )
         unit = self.chunk_unit_bytes
         if self.bounce_buffer_bytes < unit:

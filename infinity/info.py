@@ -10,7 +10,7 @@ from typing import Any
 import psutil
 
 from infinity.io.fsinfo import MEMORY_FS, fs_info
-from infinity.io.pinned import memlock_limit_bytes
+from infinity.io.pinned import cgroup_memory, memlock_limit_bytes
 
 
 def _read(path: Path) -> str | None:
@@ -53,7 +53,7 @@ def gpus() -> list[dict[str, Any]]:
 
 def aio_status() -> dict[str, Any]:
     from infinity.errors import AioUnavailableError
-    from infinity.io._deepspeed import deepspeed_version, load_aio, load_gds
+    from infinity.io import deepspeed_version, load_aio, load_gds
 
     status: dict[str, Any] = {"deepspeed": deepspeed_version()}
     try:
@@ -69,9 +69,11 @@ def host() -> dict[str, Any]:
     mem = psutil.virtual_memory()
     memlock = memlock_limit_bytes()
     root = os.geteuid() == 0
+    cgroup = cgroup_memory()  # (limit, left under it) of the tightest memory cgroup, or None
+    headroom = mem.available if cgroup is None else min(mem.available, cgroup[1])
     # CUDA-registered memory is not bounded by RLIMIT_MEMLOCK; mlock (DeepSpeed's locked
     # tensors) is, unless the process has CAP_IPC_LOCK (root).
-    locked_headroom = mem.available if (memlock is None or root) else min(memlock, mem.available)
+    locked_headroom = headroom if (memlock is None or root) else min(memlock, headroom)
     return {
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
@@ -79,7 +81,8 @@ def host() -> dict[str, Any]:
         "ram_available_bytes": mem.available,
         "memlock_limit_bytes": memlock,
         "is_root": root,
-        "pinned_headroom_bytes": mem.available,
+        "cgroup_memory_limit_bytes": None if cgroup is None else cgroup[0],
+        "pinned_headroom_bytes": headroom,
         "locked_headroom_bytes": locked_headroom,
     }
 

@@ -22,9 +22,9 @@ import torch
 
 from infinity.config import AioConfig, format_size
 from infinity.errors import ConfigError
-from infinity.io import AioEngine, PinnedPool
-from infinity.io._deepspeed import load_aio
-from infinity.io.fsinfo import MEMORY_FS, fs_info
+from infinity.io import AioEngine, PinnedPool, load_aio
+from infinity.io.fsinfo import MEMORY_FS, FsInfo, fs_info
+from infinity.io.pinned import pinnable_bytes
 
 GRIDS = {  # block sizes, queue depths, intra-op parallelism, single_submit
     "quick": ([1 << 20, 8 << 20], [32], [8], [False]),
@@ -114,15 +114,30 @@ def _dd_direct(path: str, nbytes: int) -> None:
     )
 
 
-def run(
-    directory: str,
-    size_bytes: int,
-    gpu: bool = False,
-    grid: str = "default",
-    repeats: int = 1,
-    progress: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Run the sweep and the references; returns a JSON-ready dict."""
+def check_output_path(path: str) -> None:
+    """ConfigError unless a file can be written at ``path``: checked before a long run, so that
+    a typo in ``--json`` does not throw away its results."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"--json {path} is a directory; give the path of a file to write")
+    if not os.path.isdir(parent):
+        raise ConfigError(
+            f"--json {path}: directory {parent} does not exist; create it or use another path"
+        )
+    if not os.access(path if os.path.exists(path) else parent, os.W_OK):
+        raise ConfigError(f"--json {path}: not writable by this user; use another path")
+
+
+def _check(
+    directory: str, size_bytes: int, gpu: bool, grid: str, repeats: int, json_path: str | None
+) -> tuple[FsInfo, int]:
+    """Every argument checked before any work: (the directory's filesystem, the transfer size)."""
+    if grid not in GRIDS:
+        raise ConfigError(f"unknown grid {grid!r}; use one of {sorted(GRIDS)}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ConfigError(f"--repeats must be a whole number >= 1, got {repeats!r}")
+    if json_path is not None:
+        check_output_path(json_path)
     fs = fs_info(directory)
     if fs.fs_type in MEMORY_FS or not fs.direct_io:
         raise ConfigError(
@@ -131,14 +146,44 @@ def run(
         )
     if gpu and not torch.cuda.is_available():
         raise ConfigError("--gpu asked, but torch sees no CUDA device")
-    blocks, depths, pars, submits = GRIDS[grid]
-    unit = 4096 * max(pars) * 16
+    unit = 4096 * max(GRIDS[grid][2]) * 16
     size = max(unit, size_bytes // unit * unit)
     if fs.free_bytes < size + (256 << 20):
         raise ConfigError(
             f"benchmark file needs {format_size(size)}; {format_size(fs.free_bytes)} free in "
             f"{directory}: lower --size"
         )
+    # a pinned buffer of `size`, its pageable copy, and one engine's bounce buffers at a time
+    bounce = 2 * max(AioConfig(intra_op_parallelism=p).bounce_chunk_bytes for p in GRIDS[grid][2])
+    allowed, where = pinnable_bytes()
+    if 2 * size + bounce > allowed:
+        raise ConfigError(
+            f"--size {format_size(size)} needs {format_size(2 * size + bounce)} of host memory "
+            f"(a pinned buffer, a pageable copy of it, {format_size(bounce)} of bounce buffers); "
+            f"{where}, of which a pool may take {format_size(allowed)}: lower --size to at most "
+            f"{format_size(max(0, allowed - bounce) // 2)}"
+        )
+    if gpu and size > torch.cuda.mem_get_info()[0]:
+        raise ConfigError(
+            f"--size {format_size(size)} does not fit in the GPU's free memory "
+            f"({format_size(torch.cuda.mem_get_info()[0])}); lower --size"
+        )
+    return fs, size
+
+
+def run(
+    directory: str,
+    size_bytes: int,
+    gpu: bool = False,
+    grid: str = "default",
+    repeats: int = 1,
+    progress: Callable[[str], None] | None = None,
+    json_path: str | None = None,
+) -> dict[str, Any]:
+    """Run the sweep and the references; returns a JSON-ready dict. ``json_path``, where the
+    caller will write it, is checked up front (the run writes nothing there)."""
+    fs, size = _check(directory, size_bytes, gpu, grid, repeats, json_path)
+    blocks, depths, pars, submits = GRIDS[grid]
     note = progress or (lambda _msg: None)
     path = os.path.join(directory, f"infinity-bench-{os.getpid()}.bin")
     results: list[Result] = []
@@ -174,7 +219,7 @@ def run(
                 if verify is not None:
                     verify()
             results.append(res)
-            note(f"{op:5} {target:8} {system:18} {_short(cfg):34} {res.gbps:6.2f} GB/s")
+            note(f"{op:5} {target:8} {system:18} {short_summary(cfg):34} {res.gbps:6.2f} GB/s")
             return res
 
         def check_pinned():
@@ -317,10 +362,14 @@ def _compact(nbytes: int) -> str:
     return str(nbytes)
 
 
-def _short(cfg: dict[str, Any]) -> str:
+def short_summary(cfg: dict[str, Any]) -> str:
+    """One result's settings in a table cell: ``bs=8M qd=32 p=8 ss=0``."""
     if "block_size" in cfg:
         return (
             f"bs={_compact(cfg['block_size'])} qd={cfg['queue_depth']} "
             f"p={cfg['intra_op_parallelism']} ss={int(cfg['single_submit'])}"
         )
     return " ".join(f"{k}={_compact(v) if isinstance(v, int) else v}" for k, v in cfg.items())
+
+
+_short = short_summary  # the old private name, until the CLI and bench/io.py switch

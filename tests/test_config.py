@@ -45,6 +45,16 @@ def test_aio_config_validates():
         AioConfig(bounce_buffer_bytes=4096, intra_op_parallelism=8)
 
 
+def test_aio_config_bounds():
+    """Each lane pins two bounce buffers and starts its handles' threads: a million lanes
+    would ask DeepSpeed for terabytes of pinned memory and abort the process."""
+    with pytest.raises(ConfigError, match="lanes=1000000 exceeds 256"):
+        AioConfig(lanes=10**6)
+    with pytest.raises(ConfigError, match="intra_op_parallelism=257 exceeds 256"):
+        AioConfig(intra_op_parallelism=257)
+    assert AioConfig(lanes=256, intra_op_parallelism=256).lanes == 256
+
+
 def test_aio_config_sizes_and_round_trip():
     cfg = AioConfig(block_size_bytes="1MiB", bounce_buffer_bytes="10MiB", intra_op_parallelism=3)
     assert cfg.block_size_bytes == 2**20

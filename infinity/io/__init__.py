@@ -1,6 +1,18 @@
-"""I/O engine: the only package that imports DeepSpeed's ops."""
+"""I/O engine: the only package that imports DeepSpeed's ops.
 
+Other packages use the names below, never the private modules (``_transfer``, ``_deepspeed``).
+"""
+
+from infinity.io._deepspeed import deepspeed_version, load_aio, load_gds
+from infinity.io._transfer import release_blocks
 from infinity.io.aio import AioEngine
 from infinity.io.pinned import PinnedPool
 
-__all__ = ["AioEngine", "PinnedPool"]
+__all__ = [
+    "AioEngine",
+    "PinnedPool",
+    "deepspeed_version",
+    "load_aio",
+    "load_gds",
+    "release_blocks",
+]

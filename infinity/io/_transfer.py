@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 from contextlib import contextmanager
 
 import torch
@@ -23,14 +24,68 @@ def _up(x: int) -> int:
     return -(-x // A) * A
 
 
+_NOT_REGULAR = (  # (test, what it is, errno) for the paths infinity refuses to open
+    (stat.S_ISLNK, "a symbolic link", errno.ELOOP),
+    (stat.S_ISDIR, "a directory", errno.EISDIR),
+    (stat.S_ISFIFO, "a FIFO (named pipe)", errno.EINVAL),
+    (stat.S_ISCHR, "a character device", errno.EINVAL),
+    (stat.S_ISBLK, "a block device", errno.EINVAL),
+    (stat.S_ISSOCK, "a socket", errno.EINVAL),
+)
+
+
+def _refuse(path: str, file_offset: int, nbytes: int, verb: str, mode: int) -> None:
+    """Raise StorageIOError saying what ``path`` is, unless ``mode`` is a regular file's."""
+    if stat.S_ISREG(mode):
+        return
+    what, err = next(((w, e) for test, w, e in _NOT_REGULAR if test(mode)), ("special", 0))
+    if err == errno.ELOOP:
+        detail = "the path is a symbolic link; infinity opens data files without following links"
+        fix = "put the file itself at this path"
+    else:
+        detail = f"the path is {what}, not a regular file"
+        fix = "fix the path or move what is there out of the way"
+    raise StorageIOError(
+        path, file_offset, nbytes, err or errno.EINVAL, f"cannot open for {verb}: {detail} ({fix})"
+    )
+
+
+def open_regular(path: str, flags: int, file_offset: int, nbytes: int, verb: str) -> int:
+    """``os.open`` that never follows a symbolic link at ``path`` and returns only a regular
+    file: O_NOFOLLOW, O_NONBLOCK so that a FIFO cannot hang the open, then fstat. Anything else
+    (link, directory, FIFO, device, socket) is a StorageIOError that says what it is."""
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):  # ENXIO: a socket
+            try:
+                _refuse(path, file_offset, nbytes, verb, os.lstat(path).st_mode)
+            except FileNotFoundError:
+                pass
+        raise
+    try:
+        _refuse(path, file_offset, nbytes, verb, os.fstat(fd).st_mode)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _open(engine, req, write: bool) -> int:
     n = req.buf.numel()
     flags = (os.O_RDWR | os.O_CREAT) if write else os.O_RDONLY
+    verb = "writing" if write else "reading"
     try:
-        fd = os.open(req.path, flags | os.O_CLOEXEC, 0o644)
+        # Our open is the check: DeepSpeed's handle re-opens the file by path itself after it,
+        # for each op (O_DIRECT, following links), so a path swapped for a link in between is
+        # not caught. The store's directory is its own; this keeps out links left in it.
+        fd = open_regular(req.path, flags, req.file_offset, n, verb)
+    except StorageIOError:
+        raise
     except OSError as exc:
         parent = os.path.dirname(os.path.abspath(req.path))
-        detail = f"cannot open for {'writing' if write else 'reading'}: {exc.strerror}"
+        detail = f"cannot open for {verb}: {exc.strerror}"
         if exc.errno == errno.ENOENT and not os.path.isdir(parent):
             detail += f" (directory {parent} does not exist; create it or fix the path)"
         elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -170,7 +225,7 @@ def release_blocks(path: str, file_offset: int, nbytes: int) -> None:
     """Give back the disk blocks of ``[file_offset, file_offset + nbytes)`` (a hole; the file
     keeps its size). For data written by an operation that then failed, such as a put that ran
     out of space halfway."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    fd = open_regular(path, os.O_WRONLY, file_offset, nbytes, "releasing blocks")
     try:
         _release_beyond(fd, file_offset, file_offset + nbytes)
     finally:

@@ -7,10 +7,11 @@ Call order of one request (``pread``/``pwrite``; ``read``/``write`` just wait on
 2. One of ``AioConfig.lanes`` worker threads takes the request. Each lane owns its handles
    (one with ``intra_op_parallelism`` threads, one with a single thread for the sub-granule
    remainder) and two pinned bounce buffers of ``bounce_chunk_bytes``.
-3. The lane opens the file itself first, so that a missing path, a read-only directory, a
-   filesystem without O_DIRECT (tmpfs, overlayfs), a read past the end or a full disk
-   (``posix_fallocate`` reserves the blocks before any write) is an ``StorageIOError`` with errno
-   and numbers, never one of DeepSpeed's silent failures (its handle ignores per-block results).
+3. The lane opens the file itself first (regular files only, never through a symbolic link),
+   so that a missing path, a link, a directory, a read-only directory, a filesystem without
+   O_DIRECT (tmpfs, overlayfs), a read past the end or a full disk (``posix_fallocate``
+   reserves the blocks before any write) is an ``StorageIOError`` with errno and numbers,
+   never one of DeepSpeed's silent failures (its handle ignores per-block results).
 4. Plan: the aligned prefix of a direct-I/O capable CPU buffer (pinned or DeepSpeed-locked,
    4 KiB-aligned address and offset) goes straight to the handle. Everything else (CUDA tensors,
    pageable memory, unaligned heads and tails) streams through the bounce buffers, double-buffered
@@ -264,9 +265,9 @@ class AioEngine:
                 "O_DIRECT there); files there cost RAM twice and are gone after a reboot. Use a "
                 "directory on an NVMe drive (ext4 or xfs), or set INFINITY_ALLOW_TMPFS=1 for tests",
             )
-        flags = os.O_WRONLY if req.write else os.O_RDONLY
+        flags = (os.O_WRONLY if req.write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_NONBLOCK
         try:
-            os.close(os.open(req.path, flags | os.O_DIRECT))
+            os.close(os.open(req.path, flags | os.O_DIRECT | os.O_CLOEXEC))
         except OSError as exc:
             raise StorageIOError(
                 req.path,

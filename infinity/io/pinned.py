@@ -19,9 +19,11 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
+import os
 import resource
 import threading
 
+import psutil
 import torch
 
 from infinity._core import Arena
@@ -31,6 +33,7 @@ from infinity.errors import CapacityError, ConfigError
 log = logging.getLogger(__name__)
 
 KINDS = ("auto", "cuda", "locked", "aligned")
+POOL_SHARE = 0.9  # a pool may take at most this share of the host memory available now
 
 
 def memlock_limit_bytes() -> int | None:
@@ -39,8 +42,108 @@ def memlock_limit_bytes() -> int | None:
     return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
+def _locked_now_bytes() -> int:
+    """Bytes this process has mlock'ed already (VmLck); RLIMIT_MEMLOCK bounds the total."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmLck:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max" (v2) means no limit
+
+
+def _reclaimable(directory: str, file_key: str, shmem_key: str) -> int:
+    """Page cache the kernel can drop to make room (it is charged to the cgroup); tmpfs can't."""
+    try:
+        with open(os.path.join(directory, "memory.stat")) as f:
+            stat = dict(line.split()[:2] for line in f if line.strip())
+        return max(0, int(stat.get(file_key, 0)) - int(stat.get(shmem_key, 0)))
+    except (OSError, ValueError):
+        return 0
+
+
+_CGROUP = (  # (base, limit file, usage file, page-cache key, shmem key): v2, then v1
+    ("/sys/fs/cgroup", "memory.max", "memory.current", "file", "shmem"),
+    (
+        "/sys/fs/cgroup/memory",
+        "memory.limit_in_bytes",
+        "memory.usage_in_bytes",
+        "total_cache",
+        "total_shmem",
+    ),
+)
+
+
+def cgroup_memory() -> tuple[int, int] | None:
+    """(limit, bytes left under it, page cache counted as free) of the tightest memory cgroup
+    holding this process (v2 ``memory.max`` or v1 ``memory.limit_in_bytes``, ancestors
+    included); None when no limit is set."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    tightest = None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "" and os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+            base, limit_file, usage_file, *keys = _CGROUP[0]
+        elif "memory" in controllers.split(","):
+            base, limit_file, usage_file, *keys = _CGROUP[1]
+        else:
+            continue
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts), -1, -1):  # the process's cgroup, then each parent
+            directory = os.path.join(base, *parts[:depth])
+            limit = _read_int(os.path.join(directory, limit_file))
+            used = _read_int(os.path.join(directory, usage_file))
+            if limit is None or used is None or limit >= 1 << 60:  # v1's "no limit" is ~2**63
+                continue
+            left = min(limit, max(0, limit - used + _reclaimable(directory, *keys)))
+            if tightest is None or left < tightest[1]:
+                tightest = (limit, left)
+    return tightest
+
+
+def pinnable_bytes() -> tuple[int, str]:
+    """The most one pool may take now (``POOL_SHARE`` of the memory available, so that the rest
+    of the process and the OS keep room), and the numbers behind it, for messages."""
+    mem = psutil.virtual_memory()
+    free, where = (
+        mem.available,
+        (f"{format_size(mem.available)} of host memory available ({format_size(mem.total)} total)"),
+    )
+    cgroup = cgroup_memory()
+    if cgroup is not None and cgroup[1] < free:
+        free, where = (
+            cgroup[1],
+            (
+                f"{format_size(cgroup[1])} left under this process's cgroup memory limit of "
+                f"{format_size(cgroup[0])}"
+            ),
+        )
+    return int(free * POOL_SHARE), where
+
+
 class PinnedPool:
-    """A pinned host buffer of ``capacity_bytes`` handing out aligned ``uint8`` views."""
+    """A pinned host buffer of ``capacity_bytes`` handing out aligned ``uint8`` views.
+
+    The capacity is checked before anything is allocated: a pool may take at most 90% of the
+    host memory available (``psutil.virtual_memory().available``), or of what is left under the
+    cgroup's memory limit when that is less; beyond, CapacityError with the numbers (pinning more
+    than there is aborts the process inside DeepSpeed or gets it OOM-killed).
+    """
 
     def __init__(self, capacity_bytes: int, alignment: int = ALIGNMENT_BYTES, kind: str = "auto"):
         if kind not in KINDS:
@@ -48,6 +151,15 @@ class PinnedPool:
         if capacity_bytes < 0:
             raise ConfigError(f"PinnedPool capacity_bytes must be >= 0, got {capacity_bytes}")
         capacity_bytes = -(-capacity_bytes // alignment) * alignment
+        if capacity_bytes:
+            allowed, where = pinnable_bytes()
+            if capacity_bytes > allowed:
+                raise CapacityError(
+                    f"cannot pin {format_size(capacity_bytes)}: {where}, and a pool may take at "
+                    f"most {POOL_SHARE:.0%} of it ({format_size(allowed)}); lower the size asked "
+                    "for (StoreConfig.pinned_bytes, AioConfig.lanes x bounce_buffer_bytes, "
+                    "bench io --size) or free memory"
+                )
         if kind == "auto":
             kind = "cuda" if torch.cuda.is_available() else "locked"
         self.kind = kind
@@ -85,11 +197,15 @@ class PinnedPool:
             return view
         if self.kind == "locked":
             limit = memlock_limit_bytes()
-            if limit is not None and limit < nbytes and not _can_lock_unlimited():
+            # the limit bounds the process's total: DeepSpeed aborts when its mlock fails
+            room = None if limit is None else limit - _locked_now_bytes()
+            if room is not None and room < nbytes and not _can_lock_unlimited():
                 log.warning(
-                    "memlock limit (ulimit -l) is %s, below the %s pool: using unlocked aligned "
-                    "memory (DeepSpeed will bounce each transfer); raise `ulimit -l` to lock it",
+                    "memlock limit (ulimit -l) is %s, %s of it left, below the %s pool: using "
+                    "unlocked aligned memory (DeepSpeed will bounce each transfer); raise "
+                    "`ulimit -l` to lock it",
                     format_size(limit),
+                    format_size(max(0, room)),
                     format_size(nbytes),
                 )
                 self.kind = "aligned"
@@ -184,6 +300,4 @@ def clear_cuda_error() -> None:
 
 def _can_lock_unlimited() -> bool:
     # root (CAP_IPC_LOCK) may lock beyond RLIMIT_MEMLOCK
-    import os
-
     return os.geteuid() == 0
