@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
+import stat
 
 import torch
 
 from infinity.errors import ConfigError, InfinityError, StorageIOError
 from infinity.io.fsinfo import MEMORY_FS, mount_of
 from infinity.store import manifest as mf
+from infinity.store._files import open_regular, read_file
 
 
 class StoreLockedError(InfinityError):
@@ -39,15 +42,38 @@ def check_key(key) -> None:
         raise ConfigError(f"keys are non-empty strings, got {key!r}")
 
 
-def read_file(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise ConfigError(f"{os.path.dirname(path)} is not part of an infinity store") from None
+def check_path_arg(path) -> str:
+    """A store directory argument: a non-empty str or os.PathLike naming no NUL byte."""
+    if isinstance(path, bytes) or not isinstance(path, str | os.PathLike):
+        raise ConfigError(f"a store path is a str or os.PathLike, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise ConfigError(f"store path {path!r} is empty or holds a NUL byte")
+    return os.path.abspath(path)
+
+
+def check_distinct(paths: list[str]) -> None:
+    """Each path of a striped store is its own directory (not the same one twice, nor a link)."""
+    seen: dict[tuple[int, int], str] = {}
+    for path in paths:
+        st = os.stat(path)
+        other = seen.setdefault((st.st_dev, st.st_ino), path)
+        if other != path or paths.count(path) > 1:
+            raise ConfigError(
+                f"the store's paths must be distinct directories: {other} and {path} are the "
+                "same directory"
+            )
 
 
 def check_directory(path: str, create: bool) -> None:
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise StorageIOError(
+            path,
+            0,
+            0,
+            errno.ENOTDIR,
+            "is not a directory; a store is a directory: give another path",
+        )
     if not os.path.isdir(path):
         parent = os.path.dirname(path)
         if not create or not os.path.isdir(parent):
@@ -60,7 +86,12 @@ def check_directory(path: str, create: bool) -> None:
                 if create
                 else "store directory does not exist",
             )
-        os.mkdir(path)
+        try:
+            os.mkdir(path)
+        except OSError as exc:
+            raise StorageIOError(
+                path, 0, 0, exc.errno or 0, f"cannot create the store directory: {exc.strerror}"
+            ) from None
     point, fstype, _ = mount_of(path)
     if fstype in MEMORY_FS and os.environ.get("INFINITY_ALLOW_TMPFS") != "1":
         raise StorageIOError(
@@ -74,17 +105,54 @@ def check_directory(path: str, create: bool) -> None:
 
 
 def take_lock(directory: str) -> int:
-    path = os.path.join(directory, mf.LOCK)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    """Lock the store's first directory for the one writer. The lock is on the directory itself
+    (flock): unlike a LOCK file, it cannot be deleted or replaced out from under its holder, so
+    a second writer can never open beside the first. LOCK names the holder's pid, for messages."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    st = os.fstat(fd)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
+        holder = _lock_holder(os.path.join(directory, mf.LOCK))
+        where = (
+            "this process already has it open for writing (close that TieredStore first)"
+            if holder == str(os.getpid()) or (st.st_dev, st.st_ino) in _LOCKED_HERE
+            else f"it is open for writing by another process (pid {holder}); close it there"
+        )
         raise StoreLockedError(
-            f"store {directory} is open for writing by another process (pid {holder}); close it "
-            "there, or open this one with readonly=True"
+            f"store {directory}: {where}, or open this one with readonly=True"
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        path = os.path.join(directory, mf.LOCK)
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISLNK(os.lstat(path).st_mode):
+                os.unlink(path)  # never write through a link; the lock is the directory's
+        pid_fd = open_regular(path, os.O_RDWR | os.O_CREAT)
+        try:
+            os.ftruncate(pid_fd, 0)
+            os.pwrite(pid_fd, f"{os.getpid()}\n".encode(), 0)
+        finally:
+            os.close(pid_fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    _LOCKED_HERE.add((st.st_dev, st.st_ino))
     return fd
+
+
+def release_lock(fd: int) -> None:
+    st = os.fstat(fd)
+    _LOCKED_HERE.discard((st.st_dev, st.st_ino))
+    os.close(fd)  # closing releases the flock
+
+
+_LOCKED_HERE: set[tuple[int, int]] = set()  # store directories this process holds for writing
+
+
+def _lock_holder(path: str) -> str:
+    try:
+        data = read_file(path, missing_ok=True) or b""
+    except InfinityError:
+        data = b""
+    return data[:64].decode(errors="replace").strip() or "unknown"

@@ -46,8 +46,15 @@ class SpaceMap:
         return extents
 
     def reserve(self, extents: list[Extent]) -> None:
-        for e in extents:
-            self.arenas[e.file].reserve(e.file_offset, e.nbytes)
+        """Mark these extents used, all or none (ValueError when one overlaps a used one)."""
+        done: list[Extent] = []
+        try:
+            for e in extents:
+                self.arenas[e.file].reserve(e.file_offset, e.nbytes)
+                done.append(e)
+        except BaseException:
+            self.free(done)
+            raise
 
     def free(self, extents: list[Extent]) -> None:
         for e in extents:

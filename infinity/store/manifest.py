@@ -15,6 +15,7 @@ so a crash at any instant leaves the old or the new state of every key.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,9 @@ from typing import Any
 import torch
 import xxhash
 
+from infinity.config import ALIGNMENT_BYTES
 from infinity.errors import ConfigError, IntegrityError
+from infinity.store._files import check_name, read_file
 
 FORMAT = "infinity-store"
 FORMAT_VERSION = 1
@@ -80,6 +83,8 @@ class Entry:
     busy: int = field(default=0, repr=False, compare=False)  # readers of the cpu copy
     retired: bool = field(default=False, repr=False, compare=False)  # replaced or deleted
     loading: bool = field(default=False, repr=False, compare=False)  # a pinned load in flight
+    readers: int = field(default=0, repr=False, compare=False)  # reads that use the extents
+    free_unread: bool = field(default=False, repr=False, compare=False)  # free at last reader
 
     @property
     def tiers(self) -> tuple[str, ...]:
@@ -98,16 +103,81 @@ class Entry:
         }
 
     @classmethod
-    def from_record(cls, key: str, rec: dict[str, Any]) -> Entry:
-        return cls(
-            key=key,
-            dtype=dtype_from_name(rec["dtype"]),
-            shape=tuple(int(d) for d in rec["shape"]),
-            nbytes=int(rec["nbytes"]),
-            extents=[Extent(int(f), int(o), int(n)) for f, o, n in rec["extents"]],
-            checksum=str(rec["checksum"]),
-            version=int(rec["version"]),
-        )
+    def from_record(cls, key: str, rec: Any, file_count: int) -> Entry:
+        """The entry a manifest record describes; IntegrityError naming the key and the problem
+        when the record cannot be right (so that no read follows a wrong extent)."""
+        try:
+            return cls._parse(key, rec, file_count)
+        except (IntegrityError, KeyError, TypeError, ValueError, OverflowError) as exc:
+            problem = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+            prefix = f"manifest record of key {key!r} is invalid: "
+            raise IntegrityError(
+                problem if problem.startswith(prefix) else prefix + problem
+            ) from None
+
+    @classmethod
+    def _parse(cls, key: str, rec: Any, file_count: int) -> Entry:
+        def bad(problem: str) -> IntegrityError:
+            return IntegrityError(f"manifest record of key {key!r} is invalid: {problem}")
+
+        if not isinstance(rec, dict):
+            raise bad(f"a record is an object, got {type(rec).__name__}")
+        dtype = dtype_from_name(_typed(rec["dtype"], str, "dtype"))
+        shape = tuple(_count(d, "shape") for d in _typed(rec["shape"], list, "shape"))
+        nbytes = _count(rec["nbytes"], "nbytes")
+        numel = math.prod(shape)
+        if numel * dtype.itemsize != nbytes:
+            raise bad(
+                f"shape {list(shape)} of {dtype_name(dtype)} is {numel * dtype.itemsize} "
+                f"bytes, the record says {nbytes}"
+            )
+        extents = []
+        for item in _typed(rec["extents"], list, "extents"):
+            if not isinstance(item, list) or len(item) != 3:
+                raise bad(f"an extent is [file, offset, nbytes], got {item!r}")
+            file, offset, size = (_count(v, "extent") for v in item)
+            if file >= file_count:
+                raise bad(f"extent in file {file}, but the store has {file_count} files")
+            if offset % ALIGNMENT_BYTES or offset + size > MAX_FILE_BYTES:
+                raise bad(f"extent at offset {offset} is unaligned or past {MAX_FILE_BYTES}")
+            extents.append(Extent(file, offset, size))
+        if sum(e.nbytes for e in extents) != nbytes:
+            raise bad(f"extents hold {sum(e.nbytes for e in extents)} bytes, the record {nbytes}")
+        checksum = _typed(rec["checksum"], str, "checksum")
+        return cls(key, dtype, shape, nbytes, extents, checksum, _count(rec["version"], "version"))
+
+
+MAX_FILE_BYTES = 1 << 50  # the extents' address space (extents.py)
+
+
+def _typed(value, kind: type, what: str):
+    if not isinstance(value, kind):
+        raise IntegrityError(f"{what} is a {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _count(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_FILE_BYTES:
+        raise IntegrityError(f"{what} value {value!r} is not an integer in [0, 2**50]")
+    return value
+
+
+def check_doc(doc: Any, path: str) -> dict[str, Any]:
+    """The manifest's own fields are what this version writes; its files plain names."""
+    if not isinstance(doc, dict):
+        raise IntegrityError(f"{path}: the manifest body is not an object")
+    try:
+        files = _typed(doc["files"], list, "files")
+        _typed(doc["entries"], dict, "entries")
+        _count(doc["generation"], "generation")
+        _typed(doc["store_id"], str, "store_id")
+    except KeyError as exc:
+        raise IntegrityError(f"{path}: the manifest lacks the field {exc}") from None
+    except IntegrityError as exc:
+        raise IntegrityError(f"{path}: {exc}") from None
+    for name in files:
+        check_name(name, path)
+    return doc
 
 
 def encode(doc: dict[str, Any]) -> bytes:
@@ -116,32 +186,38 @@ def encode(doc: dict[str, Any]) -> bytes:
     return json.dumps({"body": body, "checksum": checksum_bytes(body.encode())}).encode() + b"\n"
 
 
-def decode_body(raw: bytes, path: str) -> dict[str, Any]:
+def decode_body(raw: bytes, path: str) -> Any:
     """The checked body of a file written with ``encode``."""
     try:
         outer = json.loads(raw)
-        body = outer["body"]
-        stored = outer["checksum"]
-    except (ValueError, KeyError, TypeError) as exc:
+        body, stored = outer["body"], outer["checksum"]
+        if not isinstance(body, str) or not isinstance(stored, str):
+            raise TypeError("body and checksum are strings")
+        actual = checksum_bytes(body.encode())
+        if actual != stored:
+            raise IntegrityError(f"{path} is damaged: checksum {actual}, recorded {stored}")
+        return json.loads(body)
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise IntegrityError(f"{path} is not a valid infinity store file ({exc})") from None
-    actual = checksum_bytes(body.encode())
-    if actual != stored:
-        raise IntegrityError(f"{path} is damaged: checksum {actual}, recorded {stored}")
-    return json.loads(body)
 
 
 def decode(raw: bytes, path: str) -> dict[str, Any]:
     doc = decode_body(raw, path)
+    if not isinstance(doc, dict):
+        raise IntegrityError(f"{path}: the manifest body is not an object")
     if doc.get("format") != FORMAT:
         raise ConfigError(
             f"{path} is not an infinity store manifest (format {doc.get('format')!r})"
         )
-    if int(doc.get("version", 0)) > FORMAT_VERSION:
+    version = doc.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise IntegrityError(f"{path}: format version {version!r} is not an integer")
+    if version > FORMAT_VERSION:
         raise ConfigError(
             f"{path} was written by a newer infinity (format version {doc['version']}; this one "
             f"reads up to {FORMAT_VERSION}): upgrade infinity to open it"
         )
-    return doc
+    return check_doc(doc, path)
 
 
 def fsync_dir(directory: str) -> None:
@@ -153,10 +229,19 @@ def fsync_dir(directory: str) -> None:
 
 
 def write_atomic(directory: str, name: str, payload: bytes) -> None:
-    """Write, fsync, rename, fsync the directory: readers see the old or the new file."""
+    """Write, fsync, rename, fsync the directory: readers see the old or the new file. The
+    temporary file is created afresh (O_EXCL, no link followed): a link left in its place is
+    removed, never written through."""
     final = os.path.join(directory, name)
     tmp = final + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.unlink(tmp)  # a leftover of a crash, or a planted link: the name, never its target
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        raise ConfigError(f"{tmp} is a directory; remove it (the store writes that name)") from None
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o644)
     try:
         view = memoryview(payload)
         while view:
@@ -170,9 +255,5 @@ def write_atomic(directory: str, name: str, payload: bytes) -> None:
 
 def read_manifest(directory: str) -> dict[str, Any] | None:
     path = os.path.join(directory, MANIFEST)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        return None
-    return decode(raw, path)
+    raw = read_file(path, missing_ok=True)
+    return None if raw is None else decode(raw, path)

@@ -34,17 +34,19 @@ from infinity.errors import (
     IntegrityError,
     StorageIOError,
 )
-from infinity.io import AioEngine
-from infinity.io._transfer import release_blocks
+from infinity.io import AioEngine, release_blocks
 from infinity.io.aio import byte_view
 from infinity.store import manifest as mf
 from infinity.store._checks import (
     check_directory,
+    check_distinct,
     check_key,
+    check_path_arg,
     parse_device,
-    read_file,
+    release_lock,
     take_lock,
 )
+from infinity.store._files import open_regular, read_file
 from infinity.store.checksum import CHUNK_BYTES, ChunkHasher, chunk_cuts, scheme_of
 from infinity.store.config import StoreConfig, StoreStats
 from infinity.store.extents import SpaceMap
@@ -58,6 +60,7 @@ TIERS = ("gpu", "cpu", "nvme")
 # hash with the next key's reads. Writes: checksums overlap all of it.
 MIN_PIECE_BYTES, WRITE_PIECE_BYTES = 2 * CHUNK_BYTES, 64 << 20
 PREFETCH_WINDOW = 2  # keys a prefetch reads at once
+READ_ATTEMPTS = 8  # reads of a read-only store retried while a writer commits under them
 HASH_THREADS = max(2, min(8, os.cpu_count() or 2))  # chunks of finished reads hashed at once
 
 
@@ -85,10 +88,13 @@ class TieredStore:
         return cls(paths, config or StoreConfig(), readonly=readonly)
 
     def __init__(self, paths, config: StoreConfig, readonly: bool = False):
-        paths = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
-        if not paths:
+        if isinstance(paths, str | os.PathLike | bytes) or not isinstance(paths, Iterable):
+            paths = [paths]
+        self.paths = [check_path_arg(p) for p in paths]
+        if not self.paths:
             raise ConfigError("TieredStore.open needs at least one directory")
-        self.paths = [os.path.abspath(os.fspath(p)) for p in paths]
+        if not isinstance(config, StoreConfig):
+            raise ConfigError(f"config must be a StoreConfig, got {type(config).__name__}")
         self.config, self.readonly = config, readonly
         self._lock = threading.RLock()
         self._flush_lock = threading.Lock()
@@ -96,6 +102,7 @@ class TieredStore:
         self._closed = True
         for path in self.paths:
             check_directory(path, create=not readonly)
+        check_distinct(self.paths)
         if not readonly:
             self._lock_fd = take_lock(self.paths[0])
         try:
@@ -122,42 +129,77 @@ class TieredStore:
     # -- opening ------------------------------------------------------------------------------
     def _load(self) -> None:
         doc = mf.read_manifest(self.paths[0])
-        count = len(self.paths)
         if doc is None:
             if self.readonly:
                 raise ConfigError(f"no infinity store at {self.paths[0]} (no {mf.MANIFEST})")
-            for i, path in enumerate(self.paths):
-                member_path = os.path.join(path, mf.MEMBER)
-                if os.path.exists(member_path):
-                    member = mf.decode_body(read_file(member_path), member_path)
-                    raise ConfigError(
-                        f"{path} already holds stripe {member.get('index')} of store "
-                        f"{member.get('store_id')}, but was given as stripe {i} of a new store: "
-                        "pass the paths in the order the store was created with"
-                    )
-            doc = {
-                "format": mf.FORMAT,
-                "version": mf.FORMAT_VERSION,
-                "store_id": uuid.uuid4().hex,
-                "generation": 0,
-                "files": ["data.bin"] * count,
-                "entries": {},
-            }
-            for i, path in enumerate(self.paths):
-                member = {"store_id": doc["store_id"], "index": i, "count": count}
-                mf.write_atomic(path, mf.MEMBER, mf.encode(member))
-            mf.write_atomic(self.paths[0], mf.MANIFEST, mf.encode(doc))
+            doc = self._create()
         self._check_members(doc)
-        self._store_id, self._generation = doc["store_id"], int(doc["generation"])
-        self._files = [
-            os.path.join(p, name) for p, name in zip(self.paths, doc["files"], strict=True)
-        ]
-        self._entries = {k: Entry.from_record(k, r) for k, r in doc["entries"].items()}
-        self._space = SpaceMap(count, self.config.stripe_min_bytes)
-        for entry in self._entries.values():
-            self._space.reserve(entry.extents)
-        self._pending_free: list[mf.Extent] = []
+        self._store_id = doc["store_id"]
+        self._files = [os.path.join(p, n) for p, n in zip(self.paths, doc["files"], strict=True)]
+        self._space = SpaceMap(len(self.paths), self.config.stripe_min_bytes)
+        self._pending_free: list[Entry] = []
         self._dirty = False
+        self._adopt(doc)
+        self._token = self._manifest_token()
+
+    def _adopt(self, doc: dict) -> None:
+        """Take the manifest's records as this store's entries. A record that cannot be right
+        (bad fields, extents past a file or over another key's) is kept aside in ``_bad``: its
+        key raises IntegrityError on reads and fsck names it; the rest of the store works."""
+        self._generation = doc["generation"]
+        self._entries, self._bad = {}, {}
+        for key, rec in doc["entries"].items():
+            try:
+                entry = Entry.from_record(key, rec, len(self._files))
+                self._space.reserve(entry.extents)
+            except (IntegrityError, ValueError) as exc:
+                problem = str(exc)
+                if not isinstance(exc, IntegrityError | ConfigError):
+                    problem = f"manifest record of key {key!r} overlaps another key's extents"
+                self._bad[key] = problem
+                continue
+            self._entries[key] = entry
+
+    def _create(self) -> dict:
+        """A new store: member records on every path, then the first manifest (the commit). A
+        creation killed before its manifest left members and no data: it is done again."""
+        count = len(self.paths)
+        for i, path in enumerate(self.paths):
+            member_path = os.path.join(path, mf.MEMBER)
+            raw = read_file(member_path, missing_ok=True)
+            if raw is None:
+                continue
+            member = mf.decode_body(raw, member_path)
+            member = member if isinstance(member, dict) else {}
+            ours = member.get("index") == i and member.get("count") == count
+            if not ours:
+                raise ConfigError(
+                    f"{path} already holds stripe {member.get('index')} of store "
+                    f"{member.get('store_id')}, but was given as stripe {i}: pass the paths in "
+                    "the order the store was created with"
+                )
+            data = [f for f in os.listdir(path) if f not in (mf.MEMBER, mf.LOCK)]
+            data = [f for f in data if not f.endswith(".tmp")]
+            if any(os.lstat(os.path.join(path, f)).st_size for f in data):
+                raise ConfigError(
+                    f"{path} is stripe {i} of store {member.get('store_id')} but "
+                    f"{self.paths[0]} has no {mf.MANIFEST}, and {path} holds data "
+                    f"({', '.join(sorted(data))}): the manifest was deleted or the first path "
+                    "is wrong; restore manifest.json, or delete the directories to start over"
+                )
+        doc = {
+            "format": mf.FORMAT,
+            "version": mf.FORMAT_VERSION,
+            "store_id": uuid.uuid4().hex,
+            "generation": 0,
+            "files": ["data.bin"] * count,
+            "entries": {},
+        }
+        for i, path in enumerate(self.paths):
+            member = {"store_id": doc["store_id"], "index": i, "count": count}
+            mf.write_atomic(path, mf.MEMBER, mf.encode(member))
+        mf.write_atomic(self.paths[0], mf.MANIFEST, mf.encode(doc))
+        return doc
 
     def _check_members(self, doc: dict) -> None:
         count = len(doc["files"])
@@ -168,6 +210,7 @@ class TieredStore:
         for i, path in enumerate(self.paths):
             member_path = os.path.join(path, mf.MEMBER)
             member = mf.decode_body(read_file(member_path), member_path)
+            member = member if isinstance(member, dict) else {}
             if member.get("store_id") != doc["store_id"] or member.get("index") != i:
                 raise ConfigError(
                     f"{path} is stripe {member.get('index')} of store {member.get('store_id')}, "
@@ -182,9 +225,7 @@ class TieredStore:
         check_key(key)
         if tier not in TIERS:
             raise ConfigError(f"tier must be one of {TIERS}, got {tier!r}")
-        if not isinstance(tensor, torch.Tensor):
-            raise ConfigError(f"put({key!r}) expects a torch.Tensor, got {type(tensor).__name__}")
-        src = tensor.detach()
+        src = _dense(key, tensor)
         device = src.device if src.is_cuda else None
         budget = {"cpu": self.config.pinned_bytes, "gpu": self.config.gpu_bytes}.get(tier)
         if budget is not None and src.nbytes > budget:
@@ -234,13 +275,14 @@ class TieredStore:
         """A tensor equal to what was put. On the GPU, a GPU-resident key returns its resident
         tensor (treat it as read-only); everything else is a new tensor."""
         dev = parse_device(device)
-        entry = self._entry(key)
         start = time.perf_counter()
         if dev.type == "cuda":
-            result, ready = self._ensure_gpu(entry, dev, admit=False)
+            entry, (result, ready) = self._reading(
+                key, lambda e: self._ensure_gpu(e, dev, admit=False)
+            )
             torch.cuda.current_stream(dev).wait_event(ready)
         else:
-            result = self._read_cpu(entry)
+            entry, result = self._reading(key, self._read_cpu)
         self._stats.stall_s += time.perf_counter() - start
         return _typed(result, entry)
 
@@ -249,7 +291,8 @@ class TieredStore:
         if tier not in ("cpu", "gpu"):
             raise ConfigError(f"prefetch tier must be 'cpu' or 'gpu', got {tier!r}")
         keys = [keys] if isinstance(keys, str) else list(keys)
-        entries = list({k: self._entry(k) for k in keys}.values())
+        for key in keys:
+            self._entry(key)  # unknown keys fail here, not in the background
         dev = parse_device("cuda") if tier == "gpu" else None
 
         def load(entry: Entry) -> None:
@@ -258,34 +301,48 @@ class TieredStore:
             else:
                 self._ensure_gpu(entry, dev)
 
-        return self._in_order([(load, e) for e in entries])
+        return self._in_order([partial(self._reading, k, load) for k in dict.fromkeys(keys)])
 
     def pread(self, keys: Iterable[str], outs: Iterable[torch.Tensor]) -> Future:
         """Read each key from NVMe into the caller's CPU buffer (pinned for full speed; at least
         the key's nbytes, any dtype), checksums verified, in the background. The tiers are
         neither used nor changed: for executors that manage their own buffers."""
+        keys, outs = list(keys), list(outs)
+        if len(keys) != len(outs):
+            raise ConfigError(
+                f"pread needs one buffer per key: {len(keys)} keys, {len(outs)} buffers"
+            )
+
+        def check(entry: Entry, raw: torch.Tensor) -> torch.Tensor:
+            if raw.device.type != "cpu" or raw.numel() < entry.nbytes:
+                raise ConfigError(
+                    f"pread of {entry.key!r} ({entry.nbytes} bytes) needs a contiguous CPU "
+                    f"buffer of at least that size, got {raw.numel()} bytes on {raw.device}"
+                )
+            return raw[: entry.nbytes]
+
         jobs = []
         for key, out in zip(keys, outs, strict=True):
-            entry = self._entry(key)
-            raw = byte_view(out)
-            if raw.device.type != "cpu" or not raw.is_contiguous() or raw.numel() < entry.nbytes:
+            if not isinstance(out, torch.Tensor):
                 raise ConfigError(
-                    f"pread of {key!r} ({entry.nbytes} bytes) needs a contiguous CPU buffer of "
-                    f"at least that size, got {raw.numel()} bytes on {raw.device}"
+                    f"pread of {key!r}: buffers are tensors, got {type(out).__name__}"
                 )
-            jobs.append((partial(self._load_bytes, out=raw[: entry.nbytes]), entry))
+            raw = byte_view(out)
+            check(self._entry(key), raw)  # a wrong buffer fails here, not in the background
+            read = partial(lambda raw, e: self._load_bytes(e, check(e, raw)), raw)
+            jobs.append(partial(self._reading, key, read))
         return self._in_order(jobs)
 
     def _in_order(self, jobs) -> Future:
-        """Run ``fn(entry)`` for each (fn, entry) with PREFETCH_WINDOW in flight, so that one
+        """Run each job with PREFETCH_WINDOW in flight, so that one
         key's last pieces and checksum overlap the next key's reads; started in order (for
         prefetch, the last keys are the ones left resident)."""
 
         def run() -> int:
             window: deque[Future] = deque()
             try:
-                for fn, entry in jobs:
-                    window.append(self._window.submit(fn, entry))
+                for job in jobs:
+                    window.append(self._window.submit(job))
                     if len(window) >= PREFETCH_WINDOW:
                         window.popleft().result()
             finally:
@@ -344,8 +401,8 @@ class TieredStore:
             if not self._dirty:
                 return
             for path in self._files:
-                if os.path.exists(path):
-                    fd = os.open(path, os.O_RDONLY)
+                if os.path.lexists(path):
+                    fd = open_regular(path, os.O_RDONLY)
                     try:
                         os.fsync(fd)
                     finally:
@@ -360,24 +417,34 @@ class TieredStore:
             }
             mf.write_atomic(self.paths[0], mf.MANIFEST, mf.encode(doc))
             self._generation += 1
-            self._space.free(self._pending_free)
+            for old in self._pending_free:  # extents a read still uses are freed after it
+                if old.readers:
+                    old.free_unread = True
+                else:
+                    self._space.free(old.extents)
             self._pending_free = []
             self._dirty = False
 
     def fsck(self) -> dict[str, str]:
-        """Read every key from NVMe and check its checksum and extents: {key: problem}."""
-        problems: dict[str, str] = {}
-        sizes = [os.path.getsize(f) if os.path.exists(f) else 0 for f in self._files]
-        for key in self.keys():
-            entry = self._entry(key)
+        """Read every key from NVMe and check its checksum and extents: {key: problem}, the
+        manifest's invalid records included."""
+        problems: dict[str, str] = dict(self._bad)
+        sizes = [os.lstat(f).st_size if os.path.lexists(f) else 0 for f in self._files]
+
+        def check(entry: Entry) -> None:
             short = [
                 e for e in entry.extents if e.nbytes and e.file_offset + e.nbytes > sizes[e.file]
             ]
             if short:
-                problems[key] = f"extent past the end of {self._files[short[0].file]}"
-                continue
-            try:
+                problems[entry.key] = f"extent past the end of {self._files[short[0].file]}"
+            else:
                 self._load_bytes(entry, torch.empty(entry.nbytes, dtype=torch.uint8))
+
+        for key in self.keys():
+            try:
+                self._reading(key, check)
+            except UnknownKeyError:
+                pass  # deleted by the writer since
             except (IntegrityError, StorageIOError) as exc:
                 problems[key] = str(exc)
         return problems
@@ -389,12 +456,16 @@ class TieredStore:
         released = 0
         with self._lock:
             for i, path in enumerate(self._files):
-                if os.path.exists(path):
-                    keep = self._space.high_water(i)
-                    size = os.path.getsize(path)
+                if not os.path.lexists(path):
+                    continue
+                fd = open_regular(path, os.O_WRONLY)
+                try:
+                    keep, size = self._space.high_water(i), os.fstat(fd).st_size
                     if size > keep:
-                        os.truncate(path, keep)
+                        os.ftruncate(fd, keep)
                         released += size - keep
+                finally:
+                    os.close(fd)
         return released
 
     def stats(self) -> StoreStats:
@@ -439,12 +510,83 @@ class TieredStore:
     def _entry(self, key: str) -> Entry:
         if self._closed:
             raise InfinityError("the store is closed")
+        check_key(key)
         entry = self._entries.get(key)
+        if entry is None and key in self._bad:
+            raise IntegrityError(self._bad[key] + " (infinity store fsck lists every damaged key)")
         if entry is None:
             raise UnknownKeyError(
                 f"no key {key!r} in store {self.paths[0]} ({len(self._entries)} keys)"
             )
         return entry
+
+    def _reading(self, key: str, read):
+        """``read(entry)`` of ``key``'s current entry, whose extents cannot be freed (so not
+        rewritten by a later put) until it returns: ``(entry, result)``, whole. A read-only
+        store first takes the writer's latest commit, and reads again when a commit landed
+        during the read (the writer may then have reused the extents it read): readers see
+        one committed version of a key, never a mix, and never a false IntegrityError."""
+        for _ in range(READ_ATTEMPTS):
+            token = self._refresh() if self.readonly else None
+            with self._lock:
+                entry = self._entry(key)
+                entry.readers += 1
+            try:
+                result = read(entry)
+            except IntegrityError:
+                if token is None or self._manifest_token() == token:
+                    raise
+                continue  # the extents changed under the read: take the new commit
+            finally:
+                self._unpin(entry)
+            if token is None or self._manifest_token() == token:
+                return entry, result
+        raise InfinityError(
+            f"key {key!r} of {self.paths[0]} changed {READ_ATTEMPTS} times while being read: "
+            "the writer commits faster than this reader reads; read when it pauses"
+        )
+
+    def _unpin(self, entry: Entry) -> None:
+        with self._lock:
+            entry.readers -= 1
+            if entry.readers == 0 and entry.free_unread:
+                entry.free_unread = False
+                self._space.free(entry.extents)
+
+    def _manifest_token(self):
+        try:
+            st = os.stat(os.path.join(self.paths[0], mf.MANIFEST))
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_ctime_ns, st.st_mtime_ns, st.st_size
+
+    def _refresh(self):
+        """A read-only store takes the writer's latest commit: entries whose record changed are
+        replaced (their resident copies dropped), the others keep theirs. Returns the token of
+        the manifest now adopted."""
+        while True:
+            token = self._manifest_token()
+            if token == self._token:
+                return token
+            if token is None:
+                raise ConfigError(
+                    f"{self.paths[0]}: {mf.MANIFEST} is gone since this reader opened the store"
+                )
+            doc = mf.read_manifest(self.paths[0])
+            if self._manifest_token() != token or doc is None:
+                continue  # replaced while being read
+            with self._lock:
+                old = self._entries
+                self._space = SpaceMap(len(self.paths), self.config.stripe_min_bytes)
+                self._adopt(doc)
+                for key, entry in self._entries.items():
+                    kept = old.pop(key, None)
+                    if kept is not None and kept.to_record() == entry.to_record():
+                        self._entries[key] = kept
+                for gone in old.values():
+                    self._forget(gone)
+                self._pending_free = []
+                self._token = token
 
     def _forget(self, entry: Entry) -> None:
         """Drop a replaced or deleted entry's copies; its extents wait for the next commit."""
@@ -454,7 +596,7 @@ class TieredStore:
             self.cpu.leave(entry)
         else:
             self.cpu.drop(entry)
-        self._pending_free.extend(entry.extents)
+        self._pending_free.append(entry)
 
     def _io(
         self,
@@ -671,7 +813,7 @@ class TieredStore:
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing releases the flock
+            release_lock(self._lock_fd)
             self._lock_fd = None
 
 
@@ -730,6 +872,31 @@ class _Callbacks:
             self.cond.wait_for(lambda: self.pending == 0)
         if self.error is not None:
             raise self.error
+
+
+def _dense(key: str, tensor) -> torch.Tensor:
+    """The plain strided tensor a put stores (conjugate and negative views resolved)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise ConfigError(f"put({key!r}) expects a torch.Tensor, got {type(tensor).__name__}")
+    kind = (
+        "a quantized"
+        if tensor.is_quantized
+        else "a nested"
+        if tensor.is_nested
+        else "a meta"
+        if tensor.is_meta
+        else f"a {tensor.layout}"
+        if tensor.layout != torch.strided
+        else f"a {tensor.device.type}"
+        if tensor.device.type not in ("cpu", "cuda")
+        else None
+    )
+    if kind is not None:
+        raise ConfigError(
+            f"put({key!r}): {kind} tensor has no plain bytes to store; put a dense CPU or CUDA "
+            "tensor (dequantize(), to_dense(), or the real data instead of the meta device)"
+        )
+    return tensor.detach().resolve_conj().resolve_neg()
 
 
 def _typed(raw: torch.Tensor, entry: Entry) -> torch.Tensor:
