@@ -4,6 +4,8 @@
 
 Each store verb is timed against the engine making the same blocking calls on the same bytes:
 put vs engine.write from the same CPU tensors (flush, i.e. fsync + manifest commit, timed apart),
+pwrite of the existing keys (in place) vs engine.pwrite of the same pinned buffers over the same
+blocks, all in flight,
 prefetch(tier="cpu") vs engine.read into pinned memory, get(device="cpu") vs engine.read into a
 new tensor, get(device="cuda") vs engine.read into a new GPU tensor. Page cache dropped before
 every read pass (root), O_DIRECT throughout, store checksums on. Raw and store runs alternate
@@ -51,7 +53,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument(
         "--verbs",
-        default="put,prefetch,get-cpu,get-cuda",
+        default="put,pwrite,prefetch,get-cpu,get-cuda",
         help="which to time (the data is written once either way)",
     )
     ap.add_argument("--json")
@@ -136,6 +138,15 @@ def main() -> None:
             record("put", raw_write, store_put)
             flush_s = timed(store.flush)
             print(f"flush (fsync + manifest commit) {flush_s * 1e3:.1f} ms", flush=True)
+            for p, t in zip(pinned, tensors, strict=True):
+                p.copy_(t)
+
+            def raw_rewrite():  # the same blocks again, every request in flight at once
+                futures = [eng.pwrite(p, raw_path, i * size) for i, p in enumerate(pinned)]
+                for f in futures:
+                    f.result()
+
+            record("pwrite (in place)", raw_rewrite, lambda: store.pwrite(keys, pinned).result())
             record(
                 "prefetch cpu (pinned)",
                 raw_read(lambda i: pinned[i]),

@@ -141,6 +141,21 @@ def take_lock(directory: str) -> int:
     return fd
 
 
+def writer_alive(directory: str) -> bool:
+    """Whether a process holds the store's writer lock (``take_lock``) now."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the shared lock taken to ask
+    return False
+
+
 def release_lock(fd: int) -> None:
     st = os.fstat(fd)
     _LOCKED_HERE.discard((st.st_dev, st.st_ino))

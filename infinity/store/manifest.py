@@ -32,6 +32,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MEMBER = "member.json"
 LOCK = "LOCK"
+INPLACE = "inplace.json"  # keys rewritten in place since the manifest's generation
 
 
 def checksum_bytes(data) -> str:
@@ -85,6 +86,8 @@ class Entry:
     loading: bool = field(default=False, repr=False, compare=False)  # a pinned load in flight
     readers: int = field(default=0, repr=False, compare=False)  # reads that use the extents
     free_unread: bool = field(default=False, repr=False, compare=False)  # free at last reader
+    writing: bool = field(default=False, repr=False, compare=False)  # an in-place write runs
+    suspect: bool = field(default=False, repr=False, compare=False)  # may be torn: always verify
 
     @property
     def tiers(self) -> tuple[str, ...]:
@@ -257,3 +260,34 @@ def read_manifest(directory: str) -> dict[str, Any] | None:
     path = os.path.join(directory, MANIFEST)
     raw = read_file(path, missing_ok=True)
     return None if raw is None else decode(raw, path)
+
+
+def write_inplace(directory: str, generation: int, keys) -> None:
+    """Record, durably and before the first byte is written, the keys about to be rewritten in
+    place after the commit of ``generation``: after a crash their data may be old, new or torn
+    while the manifest still holds the old checksum, so they are always read verified."""
+    if keys:
+        doc = {"generation": generation, "keys": sorted(keys)}
+        write_atomic(directory, INPLACE, encode(doc))
+    else:
+        try:
+            os.unlink(os.path.join(directory, INPLACE))
+        except FileNotFoundError:
+            pass
+
+
+def read_inplace(directory: str, generation: int) -> set[str]:
+    """The keys ``write_inplace`` listed for ``generation``, or for the next one (a flush lists
+    them for the generation it is about to commit, before committing it); an older record is
+    stale."""
+    path = os.path.join(directory, INPLACE)
+    raw = read_file(path, missing_ok=True)
+    if raw is None:
+        return set()
+    doc = decode_body(raw, path)
+    if not isinstance(doc, dict) or doc.get("generation") not in (generation, generation + 1):
+        return set()
+    keys = doc.get("keys")
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise IntegrityError(f"{path} is damaged: its keys are not a list of names")
+    return set(keys)

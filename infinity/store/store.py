@@ -13,7 +13,6 @@ Call order:
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 import time
@@ -45,12 +44,14 @@ from infinity.store._checks import (
     parse_device,
     release_lock,
     take_lock,
+    writer_alive,
 )
 from infinity.store._files import open_regular, read_file
-from infinity.store.checksum import CHUNK_BYTES, ChunkHasher, chunk_cuts, scheme_of
+from infinity.store.checksum import CHUNK_BYTES, ChunkHasher, scheme_of
 from infinity.store.config import StoreConfig, StoreStats
 from infinity.store.extents import SpaceMap
 from infinity.store.manifest import Entry
+from infinity.store.pieces import transfer
 from infinity.store.tiers import GpuTier, PinnedTier, copy_to_gpu, touch
 
 TIERS = ("gpu", "cpu", "nvme")
@@ -61,6 +62,7 @@ TIERS = ("gpu", "cpu", "nvme")
 MIN_PIECE_BYTES, WRITE_PIECE_BYTES = 2 * CHUNK_BYTES, 64 << 20
 PREFETCH_WINDOW = 2  # keys a prefetch reads at once
 READ_ATTEMPTS = 8  # reads of a read-only store retried while a writer commits under them
+REWRITE_WAIT_S = 30.0  # a read-only reader waits this long for a key rewritten in place
 HASH_THREADS = max(2, min(8, os.cpu_count() or 2))  # chunks of finished reads hashed at once
 
 
@@ -97,6 +99,7 @@ class TieredStore:
             raise ConfigError(f"config must be a StoreConfig, got {type(config).__name__}")
         self.config, self.readonly = config, readonly
         self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)  # a read or an in-place write ended
         self._flush_lock = threading.Lock()
         self._lock_fd: int | None = None
         self._closed = True
@@ -141,6 +144,21 @@ class TieredStore:
         self._dirty = False
         self._adopt(doc)
         self._token = self._manifest_token()
+        self._inplace: set[str] = set()  # keys rewritten in place since the last commit
+        self._rewriting: set[str] = set()  # read-only: keys the live writer rewrites in place
+        self._note_inplace(mf.read_inplace(self.paths[0], self._generation))
+
+    def _note_inplace(self, keys: set[str]) -> None:
+        """Keys listed as rewritten in place since the committed generation: their bytes may
+        be torn (a crash, or a writer still at it), so they are read verified; a read-only
+        reader waits for the live writer's next commit before reading them."""
+        for key in keys:
+            if key in self._entries:
+                self._entries[key].suspect = True
+        if self.readonly:
+            self._rewriting = keys if keys and writer_alive(self.paths[0]) else set()
+        else:
+            self._inplace = set(keys)
 
     def _adopt(self, doc: dict) -> None:
         """Take the manifest's records as this store's entries. A record that cannot be right
@@ -234,42 +252,104 @@ class TieredStore:
                 f"{tier} tier ({format_size(budget)}); raise StoreConfig."
                 f"{'pinned_bytes' if tier == 'cpu' else 'gpu_bytes'} or put it with tier='nvme'"
             )
-        host = src.contiguous() if src.device.type == "cpu" else src.to("cpu")
-        raw = byte_view(host)
+        raw = _host_bytes(src)
+        entry = self._write_new(key, src, raw)
+        if tier == "cpu":
+            self._ensure_cpu(entry, source=raw)
+        elif tier == "gpu":
+            self._ensure_gpu(entry, device or parse_device("cuda"), source=src)
+
+    def pwrite(self, keys: Iterable[str], tensors: Iterable[torch.Tensor]) -> Future:
+        """Write each tensor under its key in the background; durable after ``flush``. A key
+        whose byte size is unchanged is rewritten **in place**, in its own extents (a tensor
+        rewritten every step, such as an optimizer state, takes its size on disk once and the
+        files do not grow); a new key, or one whose size changed, gets new extents as ``put``.
+
+        After a crash before the next ``flush``, a key written here reads back as its old
+        value, its new value, or an IntegrityError naming it, never as silently mixed bytes:
+        keys are listed in ``inplace.json`` before their first in-place write, and read back
+        verified whatever ``verify_checksums`` says. Keys not written since the last flush read
+        back exactly. Tier copies of a rewritten key are dropped (pass CPU tensors, ideally
+        pinned: a CUDA tensor is first copied to pageable memory)."""
+        self._writable()
+        keys, tensors = list(keys), list(tensors)
+        if len(keys) != len(tensors):
+            raise ConfigError(f"pwrite needs one tensor per key: {len(keys)} keys, {len(tensors)}")
+        items = []
+        for key, tensor in zip(keys, tensors, strict=True):
+            check_key(key)
+            src = _dense(key, tensor)
+            items.append((key, src, _host_bytes(src)))
+        with self._lock:
+            same = {k for k, _, raw in items if self._same_size(k, raw.numel())}
+            if not same <= self._inplace:  # listed durably before the first byte changes
+                mf.write_inplace(self.paths[0], self._generation, self._inplace | same)
+                self._inplace |= same
+        jobs = [partial(self._write_one, *item) for item in items]
+        return self._in_order(jobs, window=self.config.aio.lanes)
+
+    def _same_size(self, key: str, nbytes: int) -> bool:
+        entry = self._entries.get(key)
+        return entry is not None and entry.nbytes == nbytes
+
+    def _write_one(self, key: str, src: torch.Tensor, raw: torch.Tensor) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            while entry is not None and (entry.writing or entry.readers or entry.busy):
+                self._changed.wait()  # readers finish with the old bytes first
+                entry = self._entries.get(key)
+            if entry is None or entry.nbytes != raw.numel() or key not in self._inplace:
+                entry = None
+            else:
+                entry.writing = True
+                self.gpu.drop(entry)
+                self.cpu.drop(entry)
+        if entry is None:
+            self._write_new(key, src, raw)
+            return
+        hasher, ok = ChunkHasher(raw.numel()), False
+        try:
+            self._io(raw, entry.extents, write=True, on_piece=hasher.update)
+            ok = True
+        finally:
+            with self._lock:
+                entry.writing = False
+                entry.suspect = not ok  # torn by the failure: reads check, and fail, loudly
+                if ok:
+                    entry.dtype, entry.shape = src.dtype, tuple(src.shape)
+                    entry.checksum, entry.version = hasher.digest(), entry.version + 1
+                self._dirty = True
+                self._changed.notify_all()
+
+    def _write_new(self, key: str, src: torch.Tensor, raw: torch.Tensor) -> Entry:
+        """Write ``raw`` into fresh extents and swap the key's record in (copy-on-write: the
+        replaced extents are freed after the next commit)."""
         with self._lock:
             extents = self._space.allocate(raw.numel())
         hasher = ChunkHasher(raw.numel())
         try:
             self._io(raw, extents, write=True, on_piece=hasher.update)
-            checksum = hasher.digest()
         except BaseException:
             for ext in extents:  # what did get written would keep the disk full
                 try:
                     release_blocks(self._files[ext.file], ext.file_offset, ext.nbytes)
                 except OSError:
-                    pass  # the put's own error is the one to report
+                    pass  # the write's own error is the one to report
             with self._lock:
                 self._space.free(extents)
             raise
         with self._lock:
             old = self._entries.get(key)
+            version = old.version + 1 if old else 1
             entry = Entry(
-                key,
-                src.dtype,
-                tuple(src.shape),
-                raw.numel(),
-                extents,
-                checksum,
-                old.version + 1 if old else 1,
+                key, src.dtype, tuple(src.shape), raw.numel(), extents, hasher.digest(), version
             )
             if old is not None:
                 self._forget(old)
             self._entries[key] = entry
             self._dirty = True
-        if tier == "cpu":
-            self._ensure_cpu(entry, source=raw)
-        elif tier == "gpu":
-            self._ensure_gpu(entry, device or parse_device("cuda"), source=src)
+            self._changed.notify_all()
+        return entry
 
     def get(self, key: str, device="cpu") -> torch.Tensor:
         """A tensor equal to what was put. On the GPU, a GPU-resident key returns its resident
@@ -333,20 +413,21 @@ class TieredStore:
             jobs.append(partial(self._reading, key, read))
         return self._in_order(jobs)
 
-    def _in_order(self, jobs) -> Future:
-        """Run each job with PREFETCH_WINDOW in flight, so that one
-        key's last pieces and checksum overlap the next key's reads; started in order (for
-        prefetch, the last keys are the ones left resident)."""
+    def _in_order(self, jobs, window: int = PREFETCH_WINDOW) -> Future:
+        """Run the jobs, started in order, ``window`` at a time, so that one key's last pieces
+        and checksum overlap the next key's I/O (for prefetch, the last keys are the ones left
+        resident); the future resolves once all are done, to their count, or to the first
+        error after every job in flight has finished."""
 
         def run() -> int:
-            window: deque[Future] = deque()
+            running: deque[Future] = deque()
             try:
                 for job in jobs:
-                    window.append(self._window.submit(job))
-                    if len(window) >= PREFETCH_WINDOW:
-                        window.popleft().result()
+                    running.append(self._window.submit(job))
+                    if len(running) >= window:
+                        running.popleft().result()
             finally:
-                errors = [f.exception() for f in window]  # wait for every load in flight
+                errors = [f.exception() for f in running]  # wait for every job in flight
             for error in errors:
                 if error is not None:
                     raise error
@@ -415,6 +496,8 @@ class TieredStore:
                 "files": [os.path.basename(f) for f in self._files],
                 "entries": {k: e.to_record() for k, e in self._entries.items()},
             }
+            if self._inplace:  # listed for the new generation too, before it is committed
+                mf.write_inplace(self.paths[0], self._generation + 1, self._inplace)
             mf.write_atomic(self.paths[0], mf.MANIFEST, mf.encode(doc))
             self._generation += 1
             for old in self._pending_free:  # extents a read still uses are freed after it
@@ -423,6 +506,11 @@ class TieredStore:
                 else:
                     self._space.free(old.extents)
             self._pending_free = []
+            # in-place writes still running, or torn by a failure, stay listed past the commit
+            live = {k for k in self._inplace if _unsettled(self._entries.get(k))}
+            if live != self._inplace:
+                mf.write_inplace(self.paths[0], self._generation, live)
+            self._inplace = live
             self._dirty = False
 
     def fsck(self) -> dict[str, str]:
@@ -526,10 +614,18 @@ class TieredStore:
         store first takes the writer's latest commit, and reads again when a commit landed
         during the read (the writer may then have reused the extents it read): readers see
         one committed version of a key, never a mix, and never a false IntegrityError."""
-        for _ in range(READ_ATTEMPTS):
+        attempts, waited = 0, time.monotonic()
+        while attempts < READ_ATTEMPTS:
             token = self._refresh() if self.readonly else None
+            if token is not None and key in self._rewriting:
+                self._wait_rewrite(key, token, waited)
+                continue
+            attempts += 1
             with self._lock:
                 entry = self._entry(key)
+                while entry.writing:  # a pwrite in place of this key: read its new value
+                    self._changed.wait()
+                    entry = self._entry(key)
                 entry.readers += 1
             try:
                 result = read(entry)
@@ -546,19 +642,39 @@ class TieredStore:
             "the writer commits faster than this reader reads; read when it pauses"
         )
 
+    def _wait_rewrite(self, key: str, token, since: float) -> None:
+        """A read-only reader of a key the (live) writer rewrites in place waits for the
+        writer's next commit: until then the key's bytes on disk may be half new."""
+        if time.monotonic() - since > REWRITE_WAIT_S:
+            raise InfinityError(
+                f"key {key!r} of {self.paths[0]} is being rewritten in place by the store's "
+                f"writer, which has not committed for {REWRITE_WAIT_S:.0f} s; it can be read "
+                "after the writer's next flush"
+            )
+        while self._manifest_token() == token and time.monotonic() - since <= REWRITE_WAIT_S:
+            time.sleep(0.01)
+
     def _unpin(self, entry: Entry) -> None:
         with self._lock:
             entry.readers -= 1
             if entry.readers == 0 and entry.free_unread:
                 entry.free_unread = False
                 self._space.free(entry.extents)
+            self._changed.notify_all()
 
     def _manifest_token(self):
-        try:
-            st = os.stat(os.path.join(self.paths[0], mf.MANIFEST))
-        except FileNotFoundError:
-            return None
-        return st.st_ino, st.st_ctime_ns, st.st_mtime_ns, st.st_size
+        """Identity of the committed state: the manifest's and the in-place record's files."""
+        token = []
+        for name in (mf.MANIFEST, mf.INPLACE):
+            try:
+                st = os.stat(os.path.join(self.paths[0], name))
+            except FileNotFoundError:
+                if name == mf.MANIFEST:
+                    return None
+                token.append(None)
+                continue
+            token.append((st.st_ino, st.st_ctime_ns, st.st_mtime_ns, st.st_size))
+        return tuple(token)
 
     def _refresh(self):
         """A read-only store takes the writer's latest commit: entries whose record changed are
@@ -573,6 +689,7 @@ class TieredStore:
                     f"{self.paths[0]}: {mf.MANIFEST} is gone since this reader opened the store"
                 )
             doc = mf.read_manifest(self.paths[0])
+            journal = mf.read_inplace(self.paths[0], doc["generation"]) if doc else set()
             if self._manifest_token() != token or doc is None:
                 continue  # replaced while being read
             with self._lock:
@@ -586,6 +703,7 @@ class TieredStore:
                 for gone in old.values():
                     self._forget(gone)
                 self._pending_free = []
+                self._note_inplace(journal)
                 self._token = token
 
     def _forget(self, entry: Entry) -> None:
@@ -598,64 +716,12 @@ class TieredStore:
             self.cpu.drop(entry)
         self._pending_free.append(entry)
 
-    def _io(
-        self,
-        raw: torch.Tensor,
-        extents: list[mf.Extent],
-        write: bool,
-        on_piece=None,
-        on_done=None,
-    ) -> None:
-        """Move ``raw`` to or from its extents in pieces of ``_piece_bytes``, cut at
-        multiples of that size in the tensor (a multiple of checksum.CHUNK_BYTES), interleaved
-        over the paths so that every drive works at once. ``on_piece(at, piece)`` runs in byte
-        order on the calling thread while later pieces are still in flight (on a read, the last
-        ``_piece_bytes`` of each extent then go in single chunks, so that what it has left to do
-        after the last byte is one chunk's); ``on_done(at, part)`` runs for each checksum chunk
-        of a finished piece on the hashing threads, in parallel, so that the aio lane takes its
-        next request at once."""
-        start = time.perf_counter()
-        plans, pos = [], 0
+    def _io(self, raw, extents, write: bool, on_piece=None, on_done=None) -> None:
+        """``transfer`` (pieces.py) of ``raw`` to or from its extents, counted in the stats."""
         step = max(self._piece_bytes, WRITE_PIECE_BYTES) if write else self._piece_bytes
-        tail = not write and on_piece is not None
-        for ext in extents:
-            end = pos + ext.nbytes
-            fine = max(pos, (end - step) // CHUNK_BYTES * CHUNK_BYTES) if tail else end
-            cuts = sorted(
-                {
-                    pos,
-                    *range((pos // step + 1) * step, fine, step),
-                    *range(max(fine, (pos // CHUNK_BYTES + 1) * CHUNK_BYTES), end, CHUNK_BYTES),
-                    fine,
-                    end,
-                }
-            )
-            plans.append(
-                [
-                    (a, ext.file, ext.file_offset + a - pos, b - a)
-                    for a, b in itertools.pairwise(cuts)
-                ]
-            )
-            pos += ext.nbytes
+        start = time.perf_counter()
         op = self._engine.pwrite if write else self._engine.pread
-        futures, callbacks = {}, _Callbacks(on_done, self._hashers)
-        for round_ in itertools.zip_longest(*plans):
-            for piece in filter(None, round_):
-                at, file, file_offset, n = piece
-                futures[at] = op(raw[at : at + n], self._files[file], file_offset)
-                callbacks.attach(futures[at], at, raw[at : at + n])
-        try:
-            for at, _, _, n in sorted(p for plan in plans for p in plan):
-                if not write:
-                    futures[at].result()
-                if on_piece is not None:
-                    on_piece(at, raw[at : at + n])
-            for fut in futures.values():
-                fut.result()
-        finally:
-            for fut in futures.values():  # no buffer may be reused under the disk
-                fut.exception()
-            callbacks.wait()  # nor under a hash still running
+        transfer(op, self._files, raw, extents, step, self._hashers, write, on_piece, on_done)
         elapsed = time.perf_counter() - start
         with self._lock:
             if write:
@@ -670,7 +736,7 @@ class TieredStore:
         as it is in, while later pieces are still being read. The hashing threads hash each
         finished piece's chunks in parallel (checksum.py), so the check costs about one chunk's
         hash after the last byte."""
-        if not self.config.verify_checksums:
+        if not self.config.verify_checksums and not entry.suspect:
             self._io(out, entry.extents, write=False, on_piece=also)
             return
         hasher = ChunkHasher(entry.nbytes, scheme_of(entry.checksum))
@@ -817,61 +883,13 @@ class TieredStore:
             self._lock_fd = None
 
 
-# -- helpers --------------------------------------------------------------------------------------
-class _Callbacks:
-    """Runs ``fn(at, part)`` for each checksum chunk of each successful piece on ``pool`` (not
-    on the aio lane that completed the piece: it goes on to its next request); ``wait`` returns
-    once all have run and raises the first error one of them hit."""
+def _host_bytes(src: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``src`` in host memory, as a flat uint8 view (a copy only if needed)."""
+    return byte_view(src.contiguous() if src.device.type == "cpu" else src.to("cpu"))
 
-    def __init__(self, fn, pool: ThreadPoolExecutor):
-        self.fn, self.pool, self.pending, self.error = fn, pool, 0, None
-        self.cond = threading.Condition()
 
-    def attach(self, future: Future, at: int, piece: torch.Tensor) -> None:
-        if self.fn is None:
-            return
-        with self.cond:
-            self.pending += 1
-        future.add_done_callback(lambda f: self._split(f, at, piece))
-
-    def _split(self, future: Future, at: int, piece: torch.Tensor) -> None:
-        try:
-            if future.exception() is None:
-                for pos, step in chunk_cuts(at, piece.numel()):
-                    with self.cond:
-                        self.pending += 1
-                    try:
-                        self.pool.submit(self._run, at + pos, piece[pos : pos + step])
-                    except BaseException:
-                        self._finish()
-                        raise
-        except BaseException as exc:  # noqa: BLE001 (handed to the waiting thread)
-            self._failed(exc)
-        finally:
-            self._finish()
-
-    def _run(self, at: int, part: torch.Tensor) -> None:
-        try:
-            self.fn(at, part)
-        except BaseException as exc:  # noqa: BLE001
-            self._failed(exc)
-        finally:
-            self._finish()
-
-    def _failed(self, exc: BaseException) -> None:
-        with self.cond:
-            self.error = self.error or exc
-
-    def _finish(self) -> None:
-        with self.cond:
-            self.pending -= 1
-            self.cond.notify_all()
-
-    def wait(self) -> None:
-        with self.cond:
-            self.cond.wait_for(lambda: self.pending == 0)
-        if self.error is not None:
-            raise self.error
+def _unsettled(entry: Entry | None) -> bool:
+    return entry is not None and (entry.writing or entry.suspect)
 
 
 def _dense(key: str, tensor) -> torch.Tensor:
