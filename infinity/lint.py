@@ -35,6 +35,12 @@ Thresholds and choices:
 - ``offload_param.buffer_size`` smaller than the largest tensor (needs ``model``) with NVMe
   parameter offload: error, DeepSpeed's parameter swapper cannot hold that tensor.
 - ``nvme_path`` missing, not a directory, or on tmpfs/ramfs (memory, not a disk): error.
+- Numbers outside the bounds DeepSpeed's pydantic models declare (``reduce_bucket_size`` > 0,
+  other bucket and buffer sizes >= 0, ...; ``*_size``/``*_count`` >= 0 where none is declared),
+  ``aio`` block_size / queue_depth / intra_op_parallelism below 1, and a ``stage`` DeepSpeed
+  does not read as 0-3: error.
+- The file: a regular file (a FIFO or /dev/zero would block) of at most 64 MiB, not empty,
+  whose numbers are finite and fit 64 bits; anything else is a ConfigError naming the file.
 - Activation checkpointing together with ZeRO-3 is never flagged: ZeRO-3 partitions model
   states, not activations.
 """
@@ -43,10 +49,12 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import typing
 from dataclasses import asdict, dataclass
 
+from infinity._files import decode_text, read_regular
 from infinity.errors import ConfigError
 from infinity.estimate import ModelSpec
 from infinity.io.fsinfo import MEMORY_FS, mount_of
@@ -85,20 +93,46 @@ class Finding:
 
 
 def load_config(path: str | os.PathLike) -> dict:
-    """Read a DeepSpeed config file, JSON or HJSON (as DeepSpeed itself does)."""
+    """Read a DeepSpeed config file, JSON or HJSON (as DeepSpeed itself does): a regular file of
+    at most 64 MiB holding a non-empty object of finite numbers; ConfigError naming the file
+    otherwise."""
     import hjson
 
+    text = decode_text(read_regular(path, "DeepSpeed config"), path, "DeepSpeed config")
+    if not text.strip():
+        raise ConfigError(
+            f"DeepSpeed config {path} is empty: write the config in it (a JSON object)"
+        )
     try:
-        with open(path) as f:
-            data = hjson.load(f)
-    except OSError as exc:
-        raise ConfigError(f"cannot read DeepSpeed config {path}: {exc.strerror}") from None
+        data = json.loads(json.dumps(hjson.loads(text)))  # OrderedDicts -> dicts
     except hjson.HjsonDecodeError as exc:
         raise ConfigError(f"{path} is neither JSON nor HJSON: {exc}") from None
-    data = json.loads(json.dumps(data))  # OrderedDicts -> dicts
+    except RecursionError:
+        raise ConfigError(f"{path} is nested too deeply to be a DeepSpeed config") from None
+    except (ValueError, OverflowError) as exc:  # 1e999 (hjson), ints over 4300 digits
+        raise ConfigError(f"{path} holds a number Python cannot read: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a DeepSpeed config is an object, got {type(data).__name__}")
+    _check_numbers(data, path)
     return data
+
+
+def _check_numbers(data: dict, path) -> None:
+    """ConfigError for a number DeepSpeed cannot use: inf, nan, or an int beyond 64 bits."""
+    stack: list[tuple[str, object]] = [("", data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            stack += [(f"{where}.{k}" if where else str(k), v) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{path}: {where} is {value}, not a finite number: fix the value")
+        elif isinstance(value, int) and abs(value) >= 2**63:
+            raise ConfigError(
+                f"{path}: {where} is an integer of {len(str(abs(value)))} digits, beyond 64 bits "
+                "(DeepSpeed's limit): fix the value"
+            )
 
 
 def _model_keys(cls) -> dict[str, object]:
@@ -158,7 +192,9 @@ def _check_keys(config: dict) -> list[Finding]:
             elif known[key] is not None and isinstance(value, dict):
                 walk(value, f"{prefix}.{key}", known[key])
             else:
-                extra = getattr(cls.model_fields.get(key), "json_schema_extra", None) or {}
+                info = _field(cls, key)
+                out.extend(_check_bound(f"{prefix}.{key}", value, info))
+                extra = getattr(info, "json_schema_extra", None) or {}
                 if extra.get("deprecated"):
                     new = extra.get("new_param", "")
                     out.append(
@@ -190,7 +226,67 @@ def _check_keys(config: dict) -> list[Finding]:
                     )
                 elif sub not in AIO_DEFAULT_DICT:
                     out.append(_unknown(f"aio.{sub}", sub, AIO_DEFAULT_DICT))
+                elif sub in ("block_size", "queue_depth", "intra_op_parallelism"):
+                    n = _number(value[sub])
+                    if n is not None and n < 1:
+                        out.append(
+                            Finding(
+                                "error",
+                                f"aio.{sub}",
+                                f"{sub} = {n:g}: the aio handle needs at least 1",
+                                f"set {sub} to a positive number (DeepSpeed's default is "
+                                f"{AIO_DEFAULT_DICT[sub]}; `infinity bench io` finds the best)",
+                            )
+                        )
     return out
+
+
+def _field(cls, key: str):
+    """The pydantic FieldInfo of ``key`` (a field name or its alias) in ``cls``, or None."""
+    for name, info in cls.model_fields.items():
+        if key in (name, info.alias):
+            return info
+    return None
+
+
+def _check_bound(path: str, value, info) -> list[Finding]:
+    """An error when a number breaks a bound DeepSpeed's model declares (reduce_bucket_size > 0,
+    buffer sizes >= 0, ...); settings named *_size or *_count are >= 0 where it declares none."""
+    n = _number(value)
+    if n is None or info is None:
+        return []
+    bounds = [
+        (op, getattr(m, attr))
+        for m in info.metadata
+        for attr, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+        if getattr(m, attr, None) is not None
+    ]
+    if not bounds and path.endswith(("_size", "_count")):
+        bounds = [(">=", 0)]
+    compare = {">": float.__gt__, ">=": float.__ge__, "<": float.__lt__, "<=": float.__le__}
+    broken = [f"{op} {bound}" for op, bound in bounds if not compare[op](n, float(bound))]
+    if not broken:
+        return []
+    key = path.rpartition(".")[2]
+    return [
+        Finding(
+            "error",
+            path,
+            f"{key} = {n:g}: DeepSpeed refuses it (it must be {' and '.join(broken)})",
+            f"set {key} {' and '.join(broken)}, or remove it to get DeepSpeed's default",
+        )
+    ]
+
+
+def _stage(value) -> int | None:
+    """The ZeRO stage as DeepSpeed reads it (3, "3", 3.0; "auto" is 0), None for no stage."""
+    if value == "auto":
+        return 0
+    try:
+        stage = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(stage) if stage in (0, 1, 2, 3) else None
 
 
 def _number(value) -> float | None:
@@ -211,8 +307,16 @@ def _check_zero(config: dict, model: ModelSpec | None) -> list[Finding]:
     if not isinstance(zero, dict):
         return []
     out: list[Finding] = []
-    stage = zero.get("stage", 0)
-    stage = stage if isinstance(stage, int) else 0
+    stage = _stage(zero.get("stage", 0))
+    if stage is None:
+        return [
+            Finding(
+                "error",
+                "zero_optimization.stage",
+                f"stage {zero['stage']!r} is not a ZeRO stage: DeepSpeed refuses the config",
+                'use "stage": 0 (data parallel), 1, 2 or 3',
+            )
+        ]
     if zero.get("overlap_comm") is False and stage >= 1:
         out.append(
             Finding(
@@ -353,6 +457,8 @@ def lint(config: dict | str | os.PathLike, model: ModelSpec | str | os.PathLike 
     or a Hugging Face config.json path, needed for the size-dependent checks."""
     if not isinstance(config, dict):
         config = load_config(config)
+    else:
+        _check_numbers(config, "config dict")
     if model is not None and not isinstance(model, ModelSpec):
         model = ModelSpec.from_hf_config(model)
     findings = _check_keys(config) + _check_zero(config, model)

@@ -1,6 +1,7 @@
 """infinity.lint: a table of DeepSpeed configs with the findings each must and must not produce."""
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -204,6 +205,45 @@ CASES = [
         {("warning", "zero_optimization.cpu_offload")},
         set(),
     ),
+    (
+        "stage-99-is-not-a-stage",
+        {"zero_optimization": {"stage": 99}},
+        None,
+        {("error", "zero_optimization.stage")},
+        set(),
+    ),
+    (
+        "stage-as-deepspeed-coerces-it-is-fine",  # DeepSpeed reads "3" and 3.0 as stage 3
+        {"zero_optimization": {"stage": "3", "overlap_comm": True}},
+        None,
+        set(),
+        None,
+    ),
+    (
+        "negative-and-zero-sizes",
+        zero3(
+            reduce_bucket_size=0,  # DeepSpeed: > 0
+            allgather_bucket_size=-5e8,
+            stage3_prefetch_bucket_size=-1,  # an alias of prefetch_bucket_size
+            sub_group_size=-1,
+            offload_param=nvme(buffer_size=-1, buffer_count=-4),
+        )
+        | {"aio": {**GOOD_AIO, "block_size": -1, "queue_depth": 0}},
+        None,
+        {
+            ("error", f"zero_optimization.{k}")
+            for k in (
+                "reduce_bucket_size",
+                "allgather_bucket_size",
+                "stage3_prefetch_bucket_size",
+                "sub_group_size",
+                "offload_param.buffer_size",
+                "offload_param.buffer_count",
+            )
+        }
+        | {("error", "aio.block_size"), ("error", "aio.queue_depth")},
+        {"aio.intra_op_parallelism"},
+    ),
 ]
 
 
@@ -271,6 +311,46 @@ def test_hjson_and_unreadable(tmp_path):
     bad.write_text("[1, 2]")
     with pytest.raises(ConfigError, match="object"):
         lint(bad)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "is empty"),
+        (" \n", "is empty"),
+        ("1e999999", "neither JSON nor HJSON"),
+        ('{"train_batch_size": 1e999999}', "cannot read"),
+        ("1" * 5000, "neither JSON nor HJSON"),
+        ('{"train_batch_size": %s}' % ("1" * 5000), "cannot read"),
+        ('{"train_batch_size": %s}' % ("1" * 30), "30 digits, beyond 64 bits"),
+        ("[" * 5000 + "]" * 5000, "nested too deeply"),
+        ('{"a": ' + "[" * 5000 + "]" * 5000 + "}", "nested too deeply"),
+        (b"\x7fELF\x02\x01\x01\x00\xff\xfe", "not UTF-8 text (byte 0xff at offset 8)"),
+    ],
+    ids=[
+        "empty",
+        "blank",
+        "inf",
+        "inf-value",
+        "digits",
+        "digits-value",
+        "int-over-64-bits",
+        "deep",
+        "deep-value",
+        "binary",
+    ],  # fmt: skip
+)
+def test_unreadable_configs_are_one_config_error(tmp_path, text, message):
+    path = tmp_path / "ds.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        lint(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_non_finite_number_in_a_dict_is_refused():
+    with pytest.raises(ConfigError, match="reduce_bucket_size is inf, not a finite number"):
+        lint({"zero_optimization": {"stage": 2, "reduce_bucket_size": float("inf")}})
 
 
 @pytest.mark.parametrize(
