@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 
 import click
@@ -218,7 +219,7 @@ def _count(ctx, param, value):
         )
     except ValueError:
         raise click.BadParameter(f"{value!r}: use a number such as 70e9 or 7B") from None
-    if number < 1 or number != int(number):
+    if not math.isfinite(number) or number < 1 or number != int(number):
         raise click.BadParameter(f"{value!r} is not a positive whole number of parameters")
     return int(number)
 

@@ -45,16 +45,17 @@ dim), MLP gate, up and down 3·h·I (x experts for Mixtral-style ``num_local_exp
 router), two RMSNorm weights; final norm h; lm_head V·h unless ``tie_word_embeddings``. Biases
 on q/k/v for Qwen2 and where ``attention_bias`` is set, MLP biases where ``mlp_bias`` is set.
 Another architecture with ``hidden_size``, ``num_hidden_layers`` and ``intermediate_size`` gets
-the same formula, and ``ModelSpec.note`` says so.
+the same formula, and ``ModelSpec.note`` says so. Dimensions outside ``MODEL_LIMITS`` (zero,
+negative, or beyond any real model) are refused: ``check_model_config``, which convert uses too.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
 
+from infinity._files import load_json
 from infinity.errors import ConfigError
 
 BYTES_PER_PARAM = {"weights": 2, "gradients": 2, "optimizer": 12}  # mixed-precision Adam
@@ -64,6 +65,55 @@ OPT_SWAP_BUFFERS, SUB_GROUP_ELEMENTS = 4, 1_000_000_000  # offload_optimizer def
 PARAM_SWAP_BUFFERS, PARAM_SWAP_ELEMENTS = 5, 100_000_000  # offload_param defaults
 _KNOWN_ARCH = {"llama", "mistral", "mixtral", "qwen2"}
 _REQUIRED = ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+MAX_PARAMS = 10**15  # 500x the largest models (~2e12)
+# config key -> (smallest, largest) accepted. The largest real models stay far below: ~128
+# layers, hidden_size 25600, intermediate_size 73728, vocab_size 262208, 128 heads, head_dim
+# 256, 512 experts. Above these a config is a typo or hostile, and building it would take
+# minutes and gigabytes (one module per layer and expert).
+MODEL_LIMITS = {
+    "num_hidden_layers": (1, 1024),
+    "hidden_size": (1, 1 << 20),
+    "intermediate_size": (1, 1 << 22),
+    "vocab_size": (1, 1 << 24),
+    "num_attention_heads": (1, 1 << 14),
+    "num_key_value_heads": (1, 1 << 14),
+    "head_dim": (1, 1 << 16),
+    "num_local_experts": (0, 1024),
+    "num_experts": (0, 1024),
+    "n_routed_experts": (0, 1024),
+}
+MAX_BLOCKS = 1 << 16  # num_hidden_layers x experts (Qwen3-Next: 48 x 512 = 24576)
+
+
+def check_model_config(config: dict, source: str) -> None:
+    """ConfigError when a dimension in a Hugging Face config (top level or a nested section such
+    as ``text_config``; a list holds one value per layer) is not a whole number within
+    MODEL_LIMITS, or layers x experts exceeds MAX_BLOCKS; None means absent."""
+    sections = [("", config)]
+    sections += [(f"{k}.", v) for k, v in config.items() if isinstance(v, dict)]
+    for prefix, section in sections:
+        largest = {}
+        for key, (low, high) in MODEL_LIMITS.items():
+            value = section.get(key)
+            for v in value if isinstance(value, list) else [value]:
+                if v is None:
+                    continue
+                if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+                    shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
+                    raise ConfigError(
+                        f"model config {source}: {prefix}{key} = {shown} is not a whole number "
+                        f"from {low} to {high:,} (no real model is outside that range): fix the "
+                        "file"
+                    )
+                largest[key] = max(largest.get(key, 1), v)
+        layers = largest.get("num_hidden_layers", 1)
+        experts = max([1] + [n for k, n in largest.items() if "experts" in k])
+        if layers * experts > MAX_BLOCKS:
+            raise ConfigError(
+                f"model config {source}: {prefix}num_hidden_layers x experts = {layers} x "
+                f"{experts} = {layers * experts:,} blocks, over {MAX_BLOCKS:,} (the largest real "
+                "models have ~25,000): fix the file"
+            )
 
 
 @dataclass(frozen=True)
@@ -85,8 +135,10 @@ class ModelSpec:
 
     @classmethod
     def from_params(cls, params: int | float) -> ModelSpec:
-        if params <= 0 or params != int(params):
-            raise ConfigError(f"parameter count must be a positive whole number, got {params!r}")
+        if not (0 < params <= MAX_PARAMS) or params != int(params):  # refuses nan and inf too
+            raise ConfigError(
+                f"parameter count must be a whole number from 1 to {MAX_PARAMS:.0e}, got {params!r}"
+            )
         return cls(params=int(params))
 
     @classmethod
@@ -95,11 +147,12 @@ class ModelSpec:
         source = "config dict"
         if not isinstance(config, dict):
             source = os.fspath(config)
-            try:
-                with open(source) as f:
-                    config = json.load(f)
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"cannot read model config {source}: {exc}") from None
+            config = load_json(source, "model config")
+            if not isinstance(config, dict):
+                raise ConfigError(
+                    f"model config {source} holds a JSON {type(config).__name__}, not an object: "
+                    "give a Hugging Face config.json"
+                )
         missing = [k for k in _REQUIRED if not isinstance(config.get(k), int)]
         if missing:
             raise ConfigError(
@@ -108,6 +161,7 @@ class ModelSpec:
                 "--params instead, or a config.json with hidden_size, num_hidden_layers, "
                 "intermediate_size and vocab_size"
             )
+        check_model_config(config, source)
         h, n_layers = config["hidden_size"], config["num_hidden_layers"]
         inter, vocab = config["intermediate_size"], config["vocab_size"]
         heads = config.get("num_attention_heads") or 1

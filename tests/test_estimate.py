@@ -1,13 +1,14 @@
 """infinity.estimate: the arithmetic, shapes from config.json, DeepSpeed cross-checks, the CLI."""
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
 
 from infinity.cli import main
 from infinity.errors import ConfigError
-from infinity.estimate import ModelSpec, estimate
+from infinity.estimate import ModelSpec, check_model_config, estimate
 
 LLAMA2_7B = {
     "model_type": "llama",
@@ -71,6 +72,54 @@ def test_missing_fields_name_them(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"model_type": "gpt2", "n_embd": 768, "vocab_size": 50257}))
     with pytest.raises(ConfigError, match="hidden_size.*num_hidden_layers.*--params"):
+        ModelSpec.from_hf_config(path)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"hidden_size": -64}, "hidden_size = -64 is not a whole number from 1 to 1,048,576"),
+        ({"hidden_size": 0}, "hidden_size = 0 is not"),
+        ({"num_hidden_layers": 100_000}, "num_hidden_layers = 100000 is not a whole "
+                                         "number from 1 to 1,024 "),
+        ({"num_hidden_layers": 1e9}, "lacks integer ['num_hidden_layers']"),
+        ({"vocab_size": 10**30}, "vocab_size = 1000000000000000000000000000000 is not"),
+        ({"num_attention_heads": 0}, "num_attention_heads = 0 is not"),
+        ({"num_key_value_heads": -8}, "num_key_value_heads = -8 is not"),
+        ({"head_dim": 2.5}, "head_dim = 2.5 is not"),
+        ({"num_local_experts": 1_000_000}, "num_local_experts = 1000000 is not"),
+        ({"num_hidden_layers": 1024, "num_local_experts": 1024}, "1,048,576 blocks, over 65,536"),
+    ],
+)  # fmt: skip
+def test_absurd_or_negative_dimensions_are_refused(change, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ModelSpec.from_hf_config({**LLAMA2_7B, **change})
+
+
+def test_dimension_checks_accept_real_shapes_and_read_nested_sections():
+    per_layer = {**LLAMA2_7B, "intermediate_size": [11008] * 32, "head_dim": None}
+    check_model_config(per_layer, "gemma3n-style")  # one intermediate_size per layer
+    moe = {**LLAMA2_7B, "num_hidden_layers": 61, "n_routed_experts": 256, "num_experts": None}
+    check_model_config(moe, "deepseek-v3-style")
+    with pytest.raises(ConfigError, match=re.escape("text_config.num_hidden_layers = 1000000")):
+        check_model_config({"text_config": {"num_hidden_layers": 10**6}}, "multimodal")
+    with pytest.raises(ConfigError, match=re.escape("intermediate_size = -1 is not")):
+        check_model_config({"intermediate_size": [11008, -1]}, "per-layer")
+
+
+@pytest.mark.parametrize("params", [float("nan"), float("inf"), 1e400, -1, 0, 1e16, 2.5])
+def test_params_must_be_a_finite_positive_whole_number(params):
+    with pytest.raises(ConfigError, match="whole number from 1 to 1e[+]15"):
+        ModelSpec.from_params(params)
+
+
+def test_model_config_that_is_not_an_object(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="holds a JSON list, not an object"):
+        ModelSpec.from_hf_config(path)
+    path.write_text("[" * 5000 + "]" * 5000)
+    with pytest.raises(ConfigError, match="nested too deeply"):
         ModelSpec.from_hf_config(path)
 
 
