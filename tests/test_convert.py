@@ -3,6 +3,7 @@ bytes, order, contiguity, fp8, resume after an exception or kill -9, errors, the
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -298,6 +299,98 @@ def test_errors_on_missing_or_unusable_checkpoints(tmp_path_factory, tmp_path):
     with pytest.raises(ConfigError, match=f"{gone}; the download is incomplete"):
         run_convert(shard, store_dir)
     assert not store_dir.exists()  # nothing written by any of them
+
+
+def test_links_that_leave_the_checkpoint_are_refused(tmp_path_factory, tmp_path):
+    """A tokenizer.json (any copied file, config.json, a shard) linked to a file elsewhere on the
+    system must not be read or copied into the store; nor a FIFO or a directory in its place."""
+    (secret := tmp_path / "secret").write_text("not yours")
+    hf_dir, store_dir = tmp_path / "hf", tmp_path / "store"
+    shutil.copytree(checkpoint(tmp_path_factory, "llama"), hf_dir)
+    shard = sorted(n for n in os.listdir(hf_dir) if n.endswith(".safetensors"))[0]
+    for name in ["tokenizer.json", "chat_template.jinja", "config.json", shard]:
+        os.replace(hf_dir / name, tmp_path / name)
+        os.symlink(tmp_path / name if name != "tokenizer.json" else secret, hf_dir / name)
+        with pytest.raises(ConfigError, match=f"{hf_dir / name} is a symbolic link to .*outside"):
+            run_convert(hf_dir, store_dir)
+        os.remove(hf_dir / name)
+        os.replace(tmp_path / name, hf_dir / name)
+    for kind, make, remove in (("FIFO", os.mkfifo, os.remove), ("directory", os.mkdir, os.rmdir)):
+        os.replace(hf_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+        make(hf_dir / "tokenizer.json")
+        with pytest.raises(ConfigError, match=f"tokenizer.json is a {kind}, not a regular file"):
+            run_convert(hf_dir, store_dir)
+        remove(hf_dir / "tokenizer.json")
+        os.replace(tmp_path / "tokenizer.json", hf_dir / "tokenizer.json")
+    assert not store_dir.exists()  # refused before anything was written
+    (hf_dir / "sub").mkdir()  # a link that stays inside the checkpoint is fine
+    os.replace(hf_dir / "tokenizer.json", hf_dir / "sub" / "tokenizer.json")
+    os.symlink("sub/tokenizer.json", hf_dir / "tokenizer.json")
+    run_convert(hf_dir, store_dir)
+    copied = store_dir / "tokenizer.json"
+    assert (
+        not copied.is_symlink() and copied.read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
+    )
+
+
+def test_hugging_face_cache_snapshots_convert(tmp_path_factory, tmp_path):
+    """The Hub cache keeps every file in blobs/ and links snapshots/REV/NAME -> ../../blobs/HASH."""
+    source = checkpoint(tmp_path_factory, "llama")
+    repo = tmp_path / "hub" / "models--org--tiny"
+    (blobs := repo / "blobs").mkdir(parents=True)
+    (snapshot := repo / "snapshots" / "0123abc").mkdir(parents=True)
+    names = sorted(os.listdir(source))
+    for i, name in enumerate(names):
+        shutil.copyfile(os.path.join(source, name), blobs / f"blob{i}")
+        os.symlink(f"../../blobs/blob{i}", snapshot / name)
+    layout = run_convert(snapshot, tmp_path / "store")
+    assert layout.complete and set(store_state(layout)) == set(layout.tensors)
+    for name in set(COPIED) & set(names):
+        copied = tmp_path / "store" / name
+        assert not copied.is_symlink() and copied.read_bytes() == Path(source, name).read_bytes()
+    other = tmp_path / "hub" / "models--org--other" / "blobs"  # another repository's blobs
+    other.mkdir(parents=True)
+    os.replace(blobs / "blob0", other / "blob0")
+    os.remove(snapshot / names[0])
+    os.symlink("../../../models--org--other/blobs/blob0", snapshot / names[0])
+    with pytest.raises(ConfigError, match="is a symbolic link to .*models--org--other"):
+        run_convert(snapshot, tmp_path / "store2")
+
+
+def test_store_and_checkpoint_must_not_overlap(tmp_path_factory, tmp_path):
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(checkpoint(tmp_path_factory, "llama"), hf_dir)
+    before = sorted(os.listdir(hf_dir))
+    config = (hf_dir / "config.json").read_bytes()
+    os.symlink(hf_dir, tmp_path / "alias")
+    cases = [
+        (hf_dir, hf_dir, {}),  # convert D D
+        (hf_dir, tmp_path / "alias", {}),  # the same directory by another name
+        (hf_dir, hf_dir / "store", {}),  # the store inside the checkpoint
+        (hf_dir, tmp_path / "store", {"nvme_paths": [hf_dir / "data"]}),  # its data inside it
+        (tmp_path, tmp_path / "store", {}),  # the checkpoint inside the store
+    ]
+    for source, store, kw in cases:
+        with pytest.raises(ConfigError, match="overlap .*give a STORE_DIR .*outside"):
+            run_convert(source, store, **kw)
+    assert sorted(os.listdir(hf_dir)) == before and (hf_dir / "config.json").read_bytes() == config
+    assert not (tmp_path / "store").exists()
+
+
+def test_absurd_dimensions_are_refused_before_building(tmp_path_factory, tmp_path):
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(checkpoint(tmp_path_factory, "llama"), hf_dir)
+    config = json.loads((hf_dir / "config.json").read_text())
+    for change, message in [
+        ({"num_hidden_layers": 2048}, "num_hidden_layers = 2048 is not a whole number"),
+        ({"num_hidden_layers": 1e5}, "num_hidden_layers = 100000.0 is not a whole number"),
+        ({"hidden_size": -64}, "hidden_size = -64 is not"),
+        ({"vocab_size": "32000"}, "vocab_size = '32000' is not"),
+        ({"text_config": {"intermediate_size": 10**12}}, "text_config.intermediate_size"),
+    ]:
+        (hf_dir / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            plan_layout(hf_dir)
 
 
 def test_names_with_another_prefix_or_quantized_fail_clearly(tmp_path):

@@ -12,6 +12,12 @@ Call order of ``convert``:
    with complete=False; each unit's tensors are then read one at a time (safe_open), cast or
    quantized and put one after another (a reader thread prepares the next tensor while one is
    written); the store is flushed after each unit; model.json is saved with complete=True.
+Untrusted input: every file read or copied from HF_DIR must be a regular file (no FIFO, device
+or directory) inside HF_DIR; a symlink may point inside HF_DIR or, in a Hub cache snapshot
+(.../models--X/snapshots/REV), into that repository's blobs/; any other is refused, a copied
+file as much as a shard (a model without its tokenizer is broken too, so nothing is skipped).
+STORE_DIR and the store paths must not be HF_DIR, inside it, or hold it. config.json's
+dimensions are checked against ``estimate.MODEL_LIMITS`` before the meta model is built.
 Resume keeps each unit whose keys are all committed with the recorded dtype and shape and deletes
 every other key before writing those units again, so that the result equals an uninterrupted
 conversion (keys, bytes, checksums, versions, layout) and each layer stays contiguous.
@@ -20,7 +26,6 @@ conversion (keys, bytes, checksums, versions, layout) and each layer stays conti
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import shutil
@@ -32,8 +37,10 @@ from dataclasses import dataclass
 
 import torch
 
+from infinity._files import load_json, open_regular
 from infinity.config import ALIGNMENT_BYTES
 from infinity.errors import CapacityError, ConfigError
+from infinity.estimate import check_model_config
 from infinity.inference.layout import (
     LAYOUT_FILE,
     ModelLayout,
@@ -100,6 +107,7 @@ def convert(
 
     store_dir = os.path.abspath(store_dir)
     paths = [os.path.abspath(p) for p in (nvme_paths or [os.path.join(store_dir, DATA_DIR)])]
+    _refuse_overlap(os.path.abspath(hf_dir), store_dir, paths)
     layout, sources = plan_layout(hf_dir, dtype, paths)
     config = store_config or StoreConfig(pinned_bytes=0)
     earlier = _earlier(store_dir, overwrite)
@@ -176,6 +184,10 @@ def plan_layout(
 
     hf_dir = os.path.abspath(hf_dir)
     files, source = _checkpoint(hf_dir)
+    raw = load_json(_member(hf_dir, "config.json"), "config.json", follow=False)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{hf_dir}/config.json holds a JSON {type(raw).__name__}, not an object")
+    check_model_config(raw, f"{hf_dir}/config.json")
     try:
         config = transformers.AutoConfig.from_pretrained(hf_dir)
     except (ValueError, KeyError, OSError) as exc:
@@ -218,10 +230,10 @@ def _checkpoint(hf_dir: str) -> tuple[list[str], dict]:
             "model directory, as save_pretrained writes it or as downloaded from the Hub"
         )
     if INDEX in names:
+        index = load_json(_member(hf_dir, INDEX), INDEX, follow=False)
         try:
-            with open(os.path.join(hf_dir, INDEX), encoding="utf-8") as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            files = sorted(set(index["weight_map"].values()))
+        except (KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(f"{hf_dir}/{INDEX} is not a valid index ({exc!r})") from None
         absent = [f for f in files if f not in names]
         if absent:
@@ -252,12 +264,66 @@ def _checkpoint(hf_dir: str) -> tuple[list[str], dict]:
         raise ConfigError(
             f"{hf_dir} has no weights: no {SINGLE} or {INDEX} (it holds: {_listing(names)})"
         )
-    stats = {n: os.stat(os.path.join(hf_dir, n)) for n in fingerprinted}
+    real = {n: _member(hf_dir, n) for n in [*fingerprinted, *(c for c in COPIED if c in names)]}
+    for path in real.values():  # regular files, or refused before anything is written
+        os.close(open_regular(path, "checkpoint file", follow=False))
+    stats = {n: os.stat(real[n]) for n in fingerprinted}
     source = {
         "dir": hf_dir,
         "files": {n: {"bytes": s.st_size, "mtime_ns": s.st_mtime_ns} for n, s in stats.items()},
     }
-    return [os.path.join(hf_dir, f) for f in files], source
+    return [real[f] for f in files], source
+
+
+def _member(hf_dir: str, name: str) -> str:
+    """The real path of the checkpoint file ``name``; ConfigError for a symlink that leaves the
+    checkpoint. Allowed targets: anything inside ``hf_dir``, and for a Hugging Face cache
+    snapshot (.../models--X/snapshots/REV/NAME -> ../../blobs/HASH) a file in its blobs/."""
+    path = os.path.join(hf_dir, name)
+    real, root = os.path.realpath(path), os.path.realpath(hf_dir)
+    if os.path.commonpath([real, root]) == root:
+        return real
+    snapshots = os.path.dirname(root)
+    if os.path.basename(snapshots) == "snapshots":
+        if os.path.dirname(real) == os.path.join(os.path.dirname(snapshots), "blobs"):
+            return real
+    raise ConfigError(
+        f"{path} is a symbolic link to {real}, outside the checkpoint {hf_dir} (and not a "
+        "Hugging Face cache blob): infinity reads and copies only the checkpoint's own files; "
+        f"if you trust it, replace the link with a copy (cp --remove-destination {real} {path})"
+    )
+
+
+def _refuse_overlap(hf_dir: str, store_dir: str, store_paths: list[str]) -> None:
+    """ConfigError when STORE_DIR or a store path is HF_DIR, inside it, or holds it."""
+    if not os.path.isdir(hf_dir):
+        return  # _checkpoint says what is wrong with it
+    for path in [store_dir, *store_paths]:
+        if _within(path, hf_dir) or _within(hf_dir, path):
+            raise ConfigError(
+                f"the store {path} and the checkpoint {hf_dir} overlap (the same directory, or "
+                "one inside the other): converting would write into the checkpoint it reads; "
+                "give a STORE_DIR (and --nvme-path) outside the checkpoint, and the checkpoint "
+                "outside them"
+            )
+
+
+def _within(inner: str, outer: str) -> bool:
+    """``inner`` is ``outer`` or below it: by real path, and by inode for the existing part (a
+    bind mount or a hard-linked directory has another path)."""
+    real_inner, real_outer = os.path.realpath(inner), os.path.realpath(outer)
+    if os.path.commonpath([real_inner, real_outer]) == real_outer:
+        return True
+    if not os.path.exists(real_outer):
+        return False
+    path = real_inner
+    while True:
+        if os.path.exists(path) and os.path.samefile(path, real_outer):
+            return True
+        parent = os.path.dirname(path)
+        if parent == path:
+            return False
+        path = parent
 
 
 def _headers(files: list[str]) -> dict[str, tuple[str, torch.dtype, tuple[int, ...]]]:
@@ -389,11 +455,16 @@ def _check_space(layout: ModelLayout, units: list[Unit], paths: list[str]) -> No
 
 
 def _copy_metadata(hf_dir: str, store_dir: str) -> None:
+    """Copy the COPIED files present; each must be a regular file inside the checkpoint (a
+    symlink that leaves it, a FIFO, a device or a directory is refused, not skipped: a model
+    without its tokenizer is broken too)."""
     for name in COPIED:
-        src = os.path.join(hf_dir, name)
-        if os.path.isfile(src):
-            tmp = os.path.join(store_dir, name + ".tmp")
-            shutil.copyfile(src, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(store_dir, name))
+        if not os.path.lexists(os.path.join(hf_dir, name)):
+            continue
+        fd = open_regular(_member(hf_dir, name), name, follow=False)
+        tmp = os.path.join(store_dir, name + ".tmp")
+        with os.fdopen(fd, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, os.path.join(store_dir, name))
