@@ -83,6 +83,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("pinned_bytes", [](const Plan& p) { return p.input.pinned_bytes; })
       .def_property_readonly("bandwidths", [](const Plan& p) { return p.input.bandwidths; })
       .def_property_readonly("compute_s", [](const Plan& p) { return p.input.compute_s; })
+      .def_property_readonly("writes", [](const Plan& p) { return p.input.writes; })
       .def_readonly("trace", &Plan::trace)
       .def_readonly("source", &Plan::source)
       .def_readonly("keep_gpu", &Plan::keep_gpu)
@@ -95,21 +96,26 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("pinned_stream_bytes", &Plan::pinned_stream_bytes)
       .def_readonly("gpu_cache_bytes", &Plan::gpu_cache_bytes)
       .def_readonly("pinned_cache_bytes", &Plan::pinned_cache_bytes)
+      .def_readonly("pinned_write_bytes", &Plan::pinned_write_bytes)
       .def_readonly("cyclic", &Plan::cyclic);
 
   m.def(
       "make_plan",
       [](std::vector<uint64_t> sizes, std::vector<int32_t> order, uint32_t repeats,
          uint64_t gpu_bytes, uint64_t pinned_bytes, const Bandwidths& bw,
-         std::vector<double> compute_s, int gpu_stream_buffers, int pinned_stream_buffers) {
-        PlanInput in{std::move(sizes), std::move(order), repeats, gpu_bytes, pinned_bytes, bw,
-                     std::move(compute_s), gpu_stream_buffers, pinned_stream_buffers};
+         std::vector<double> compute_s, int gpu_stream_buffers, int pinned_stream_buffers,
+         std::vector<uint8_t> writes) {
+        PlanInput in{std::move(sizes), std::move(order), repeats,
+                     gpu_bytes,        pinned_bytes,     bw,
+                     std::move(compute_s), gpu_stream_buffers, pinned_stream_buffers,
+                     std::move(writes)};
         py::gil_scoped_release release;
         return infinity::make_plan(in);
       },
       py::arg("sizes"), py::arg("order"), py::arg("repeats"), py::arg("gpu_bytes"),
       py::arg("pinned_bytes"), py::arg("bandwidths"), py::arg("compute_s"),
-      py::arg("gpu_stream_buffers") = -1, py::arg("pinned_stream_buffers") = -1);
+      py::arg("gpu_stream_buffers") = -1, py::arg("pinned_stream_buffers") = -1,
+      py::arg("writes") = std::vector<uint8_t>{});
 
   py::class_<SimResult>(m, "SimResult")
       .def_readonly("time_s", &SimResult::time_s)
@@ -122,7 +128,10 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("h2d_busy_s", &SimResult::h2d_busy_s)
       .def_readonly("compute_s", &SimResult::compute_s)
       .def_readonly("stall_s", &SimResult::stall_s)
-      .def_readonly("step_end_s", &SimResult::step_end_s);
+      .def_readonly("step_end_s", &SimResult::step_end_s)
+      .def_readonly("disk_write_bytes", &SimResult::disk_write_bytes)
+      .def_readonly("d2h_bytes", &SimResult::d2h_bytes)
+      .def_readonly("d2h_busy_s", &SimResult::d2h_busy_s);
 
   m.def(
       "simulate",
@@ -142,10 +151,15 @@ PYBIND11_MODULE(_C, m) {
     return out;
   };
   py::class_<Scheduler>(m, "Scheduler")
-      .def(py::init<const Plan&>(), py::arg("plan"))
+      .def(py::init<const Plan&, bool>(), py::arg("plan"), py::arg("past_end") = true)
       .def("start", [as_tuples](Scheduler& s) { return as_tuples(s.start()); })
-      .def("step", [as_tuples](Scheduler& s, int32_t t) { return as_tuples(s.step(t)); },
-           py::arg("tensor"))
+      .def(
+          "step",
+          [as_tuples](Scheduler& s, int32_t t, int write) { return as_tuples(s.step(t, write)); },
+          py::arg("tensor"), py::arg("write") = -1)
+      .def("finish", [as_tuples](Scheduler& s) { return as_tuples(s.finish()); })
+      .def("flush", [as_tuples](Scheduler& s) { return as_tuples(s.flush()); })
+      .def("flushed", &Scheduler::flushed)
       .def("done", [as_tuples](Scheduler& s, int64_t id) { return as_tuples(s.done(id)); },
            py::arg("action_id"))
       .def("on_gpu", &Scheduler::on_gpu, py::arg("tensor"))
@@ -161,6 +175,9 @@ PYBIND11_MODULE(_C, m) {
         d["copies"] = st.copies;
         d["gpu_hits"] = st.gpu_hits;
         d["pinned_hits"] = st.pinned_hits;
+        d["copy_backs"] = st.copy_backs;
+        d["writes"] = st.writes;
+        d["dirty_steps"] = st.dirty_steps;
         d["gpu_used"] = st.gpu_used;
         d["pinned_used"] = st.pinned_used;
         d["peak_gpu"] = st.peak_gpu;

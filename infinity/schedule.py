@@ -18,29 +18,50 @@ keeps the fastest.
   pass so that reads of the others interleave with hits. LRU would get ~0% hits on such a scan.
 - Any other trace gets size-aware furthest-next-use eviction with bypass (Belady) in each tier.
 - ``Scheduler`` executes a plan online: ``step(tensor)`` when a step begins, ``done(id)`` when a
-  read or copy finishes; each returns the actions to issue now, as far ahead as the buffers
-  allow (lookahead is bounded by bytes, not counts). When the steps diverge from the plan it
-  re-synchronises on the tensor's next planned position, or fetches an unplanned tensor on
-  demand (dropping prefetched buffers if it must), and goes on prefetching.
-- ``simulate`` runs that same Scheduler against a clock (one disk and one host->GPU link serving
-  in issue order at their bandwidths) and reports the time, the bytes and the peaks.
+  transfer finishes (any kind in TRANSFERS); each returns the actions to issue now, as far
+  ahead as the buffers allow (lookahead is bounded by bytes, not counts). When the steps diverge
+  from the plan it re-synchronises on the tensor's next planned position, or fetches an
+  unplanned tensor on demand (dropping prefetched buffers if it must), and goes on prefetching.
+- Write-back: ``plan(..., writes=...)`` marks the accesses that dirty their tensor. When such a
+  step ends (the next ``step()``, or ``finish()``), the GPU copy goes back to pinned memory
+  (COPY_BACK: into the tensor's pinned buffer, a new one if it has none) and from there to disk
+  (WRITE), both reported with ``done(id)``. A dirty copy the plan keeps (a pinned or GPU cache
+  entry) stays dirty there until evicted or ``flush()``ed: what fits in the budgets does not
+  touch the disk between passes. Reads never see stale data: a tensor whose newest contents
+  are dirty or being written is served from that copy, never read from disk. A pinned write
+  reserve (the largest dirtied tensor) that reads leave free, and write-back going before
+  prefetch, keep writes, and so GPU room, draining. ``flush()`` ends the current step and
+  writes everything dirty; ``flushed()`` says when it is all on disk.
+- ``simulate`` runs that same Scheduler against a clock (one disk serving reads and writes in
+  issue order, one host->GPU and one GPU->host link, compute per step; a direct read streams
+  through the host->GPU link while the disk reads it), ends with a flush, and reports the time,
+  the bytes and the peaks.
 
-``bound_s`` is the lower bound from an empty start: every distinct tensor is read once, and each
-later pass reads at least W - gpu_bytes - pinned_bytes from disk and copies W - gpu_bytes to the
-GPU (../shared/BENCHMARKS.md): max(disk, copies, compute).
+``bound_s`` is the lower bound from an empty start (../shared/BENCHMARKS.md, extended to
+writes). W: bytes of the distinct tensors of a pass, D: of those it dirties, G, P: the GPU and
+pinned budgets, R passes, M = G + P::
+
+    reads  >= W + (R-1) max(0, W - M)      h2d >= W + (R-1) max(0, W - G)
+    writes >= D + (R-1) max(0, D - M)      d2h >= D + (R-1) max(0, D - G)
+    time   >= max(reads/disk_read + writes/disk_write, h2d/h2d, d2h/d2h, compute)
+
+Across each pass boundary a tensor either stays in memory (at most M bytes of them; on the GPU
+at most G) or is read (copied) again, and if dirtied, also written (copied back) in between;
+keeping the dirty ones saves the most. The final flush writes and copies back all of D. The
+disk is one device, so its read and write times add.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from infinity._core import _C
 from infinity.errors import ConfigError
 
-READ, COPY, FREE_PINNED, FREE_GPU, READ_TO_GPU = 0, 1, 2, 3, 4
-TRANSFERS = (READ, COPY, READ_TO_GPU)  # report done(id) for these
+READ, COPY, FREE_PINNED, FREE_GPU, READ_TO_GPU, COPY_BACK, WRITE = 0, 1, 2, 3, 4, 5, 6
+TRANSFERS = (READ, COPY, READ_TO_GPU, COPY_BACK, WRITE)  # report done(id) for these
 FROM_GPU, FROM_PINNED, FROM_DISK = 0, 1, 2
 
 
@@ -94,6 +115,9 @@ class SimResult:
     h2d_busy_s: float
     compute_s: float
     stall_s: float
+    disk_write_bytes: int = 0
+    d2h_bytes: int = 0
+    d2h_busy_s: float = 0.0
 
     @property
     def bound_ratio(self) -> float:
@@ -103,11 +127,12 @@ class SimResult:
 
 class Action(NamedTuple):
     id: int  # report done(id) for TRANSFERS
-    kind: int  # READ (disk -> pinned), COPY (pinned -> GPU), READ_TO_GPU, FREE_PINNED, FREE_GPU
+    kind: int  # READ (disk -> pinned), COPY (pinned -> GPU), READ_TO_GPU, FREE_PINNED, FREE_GPU,
+    #            COPY_BACK (GPU -> pinned), WRITE (pinned -> disk)
     tensor: int
-    step: int  # -1: an unplanned demand
+    step: int  # the step served, or (COPY_BACK, WRITE) that dirtied the data; -1: unplanned
     nbytes: int
-    cached: bool  # the buffer is a cache entry (kept across steps)
+    cached: bool  # the (pinned, for COPY_BACK and WRITE) buffer is a cache entry
 
 
 def plan(
@@ -121,13 +146,18 @@ def plan(
     repeats: int = 1,
     gpu_stream_buffers: int | None = None,
     pinned_stream_buffers: int | None = None,
+    writes: Sequence[bool] | Set[int] | None = None,
 ) -> Plan:
     """Plan ``order`` (tensor ids, ``sizes[i]`` bytes each) repeated ``repeats`` times.
     ``compute_s``: seconds per access, one number or one per position of ``order``.
     ``*_stream_buffers``: fix the stream reserve (GPU 1 or 2, pinned 0, 1 or 2 buffers of the
-    largest tensor) instead of letting the planner simulate each choice."""
+    largest tensor) instead of letting the planner simulate each choice.
+    ``writes``: the accesses that dirty their tensor (its GPU copy holds new contents after that
+    step, which must reach pinned memory and the disk), one bool per position of ``order`` or a
+    set of positions; pinned memory then also keeps a write reserve of the largest such tensor."""
     bandwidths = bandwidths or Bandwidths()
     order = [int(i) for i in order]
+    flags = _write_flags(writes, len(order))
     if compute_s is None:
         per_step: list[float] = []
     elif isinstance(compute_s, int | float):
@@ -152,13 +182,34 @@ def plan(
             per_step,
             -1 if gpu_stream_buffers is None else gpu_stream_buffers,
             -1 if pinned_stream_buffers is None else pinned_stream_buffers,
+            flags,
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return Plan(native, bandwidths)
 
 
+def _write_flags(writes, positions: int) -> list[int]:
+    if writes is None:
+        return []
+    if isinstance(writes, Set):
+        bad = sorted(i for i in writes if not isinstance(i, int) or not 0 <= i < positions)
+        if bad:
+            raise ConfigError(
+                f"writes: positions {bad[:5]} are not positions of order (0..{positions - 1})"
+            )
+        return [int(i in writes) for i in range(positions)]
+    flags = list(writes)
+    if len(flags) != positions or any(f not in (0, 1) for f in flags):
+        raise ConfigError(
+            f"writes must be one bool per position of order ({positions}) or a set of "
+            f"positions, got {len(flags)} entries"
+        )
+    return [int(f) for f in flags]
+
+
 def simulate(p: Plan) -> SimResult:
+    """Run the Scheduler on the plan against a simulated clock, then flush (counted)."""
     r = _C.simulate(p._native)
     return SimResult(
         r.time_s,
@@ -171,25 +222,44 @@ def simulate(p: Plan) -> SimResult:
         r.h2d_busy_s,
         r.compute_s,
         r.stall_s,
+        r.disk_write_bytes,
+        r.d2h_bytes,
+        r.d2h_busy_s,
     )
 
 
 class Scheduler:
     """Online execution of a plan; see the module docstring. Actions are ``Action`` tuples."""
 
-    def __init__(self, p: Plan):
-        self._s = _C.Scheduler(p._native)
+    def __init__(self, p: Plan, *, past_end: bool = True):
+        self._s = _C.Scheduler(p._native, past_end)
 
     def start(self) -> list[Action]:
         return [Action(*a) for a in self._s.start()]
 
-    def step(self, tensor: int) -> list[Action]:
-        return [Action(*a) for a in self._s.step(tensor)]
+    def step(self, tensor: int, writes: bool | None = None) -> list[Action]:
+        """A step needing ``tensor`` begins and the previous one ends. ``writes``: the step
+        dirties its tensor (None: as planned at the matched position; unplanned: no)."""
+        flag = -1 if writes is None else int(bool(writes))
+        return [Action(*a) for a in self._s.step(tensor, flag)]
+
+    def finish(self) -> list[Action]:
+        """The current step ends and no other begins (the end of a pass)."""
+        return [Action(*a) for a in self._s.finish()]
+
+    def flush(self) -> list[Action]:
+        """finish(), then write every dirty copy back to disk; ``flushed()`` says when done."""
+        return [Action(*a) for a in self._s.flush()]
+
+    def flushed(self) -> bool:
+        return self._s.flushed()
 
     def done(self, action_id: int) -> list[Action]:
         return [Action(*a) for a in self._s.done(action_id)]
 
     def on_gpu(self, tensor: int) -> bool:
+        """Its GPU copy is there for the current step (a step that writes its tensor also waits
+        for a copy-back still reading it)."""
         return self._s.on_gpu(tensor)
 
     @property

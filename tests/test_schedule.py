@@ -9,10 +9,13 @@ from schedule_reference import Replay, optimal_disk_bytes
 
 from infinity import CapacityError, ConfigError
 from infinity.schedule import (
+    COPY_BACK,
     FROM_DISK,
     FROM_GPU,
     FROM_PINNED,
     READ,
+    TRANSFERS,
+    WRITE,
     Bandwidths,
     Scheduler,
     plan,
@@ -223,3 +226,228 @@ def test_stream_buffers_borrow_the_empty_cache_in_the_first_pass():
     assert replay.peak_pinned <= 2 * L and replay.peak_gpu <= 2 * L
     later = [t for t, step in replay.reads if 16 <= step < 24]  # the third pass: steady state
     assert sorted(later) == sorted(set(range(8)) - p.resident_pinned - p.resident_gpu)
+
+
+# -- write-back ----------------------------------------------------------------------------------
+
+
+def _replay(p, rnd):
+    return Replay(
+        p,
+        pick=lambda inflight: rnd.randrange(len(inflight)),
+        during_compute=lambda n: rnd.randint(0, n),
+    )
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    traces(),
+    st.lists(st.booleans(), min_size=24, max_size=24),
+    st.booleans(),
+    st.sets(st.integers(0, 71), max_size=3),
+    st.randoms(use_true_random=False),
+)
+def test_writes_replay_cleanly_in_any_completion_order(case, flags, tell, flush_at, rnd):
+    """With writes in flight, whatever order transfers finish in: no deadlock, budgets hold,
+    every step computes on its tensor's newest version, nothing is read from disk while its
+    newest version is dirty or being written, and after the final flush the disk holds every
+    tensor's last written version (Replay checks each action; flushes mid-run too)."""
+    sizes, order, gpu, pinned, repeats = case
+    writes = flags[: len(order)]
+    p = plan(sizes, order, gpu_bytes=gpu, pinned_bytes=pinned, repeats=repeats, writes=writes)
+    replay = _replay(p, rnd)
+    per_step = [writes[t % len(order)] for t in range(len(p.trace))]
+    replay.run(p.trace, per_step, tell=tell, flush_at=flush_at)
+    replay.flush()
+    assert replay.peak_gpu <= gpu and replay.peak_pinned <= pinned
+    assert replay.latest or not any(writes)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    traces(),
+    st.lists(st.tuples(st.integers(0, 7), st.booleans()), min_size=1, max_size=30),
+    st.lists(st.booleans(), min_size=24, max_size=24),
+    st.randoms(use_true_random=False),
+)
+def test_divergent_steps_with_writes_never_stall(case, steps, flags, rnd):
+    """Steps off the plan (unknown tensors, other order), each writing or not whatever the plan
+    says (step(x, writes=...)), are served on the newest data, and the flush completes."""
+    sizes, order, gpu, pinned, repeats = case
+    p = plan(sizes, order, gpu_bytes=gpu, pinned_bytes=pinned, repeats=repeats,
+             writes=flags[: len(order)])  # fmt: skip
+    staging = p.pinned_stream_bytes or p.gpu_stream_bytes
+    fits = [i for i, n in enumerate(sizes) if n <= min(p.gpu_stream_bytes, staging)]
+    other = [(fits[s % len(fits)], w and sizes[fits[s % len(fits)]] <= pinned) for s, w in steps]
+    mixed = other + [(x, rnd.random() < 0.5) for x in p.trace] + other
+    replay = _replay(p, rnd)
+    replay.run([x for x, _ in mixed], [w for _, w in mixed])
+    replay.flush()
+
+
+def _hold_writes(inflight):
+    """Complete anything but a WRITE while there is one: writes stay in flight for long."""
+    others = [i for i, (a, _) in enumerate(inflight) if a.kind != WRITE]
+    return others[0] if others else 0
+
+
+def test_read_after_write_comes_from_the_dirty_copy_not_the_disk():
+    """Tensor 0 is written at step 0 and read again at step 3 after its GPU and pinned room went
+    to others; its write to disk is still in flight: step 3 copies it from the write buffer."""
+    p = plan([1] * 3, [0, 1, 2, 0], gpu_bytes=1, pinned_bytes=2, writes={0})
+    assert p.pinned_write_bytes == 1 and p.gpu_stream_bytes == 1
+    replay = Replay(p, pick=_hold_writes, during_compute=lambda n: 0)
+    replay.run(p.trace, [True, False, False, False], tell=False)
+    assert [t for t, _ in replay.reads].count(0) == 1  # never read back from disk
+    assert replay.sched.stats()["copy_backs"] == 1
+    replay.flush()
+    assert replay.disk[0] == replay.latest[0] == 1
+
+
+def test_pinned_write_back_cache_writes_only_at_flush():
+    """Every tensor fits the pinned cache: passes of writes never touch the disk; flush writes
+    each dirty tensor once (and copies back the GPU-resident ones first)."""
+    p = plan([L] * 6, range(6), gpu_bytes=3 * L, pinned_bytes=9 * L, repeats=3,
+             writes=[True] * 6)  # fmt: skip
+    assert len(p.resident_gpu) + len(p.resident_pinned) == 6
+    replay = Replay(p)
+    replay.run(p.trace, [True] * len(p.trace), tell=False)
+    kinds = [a.kind for a, _ in replay.inflight]
+    assert replay.write_bytes == 0 and WRITE not in kinds
+    sched = replay.sched
+    back = sched.stats()["copy_backs"]
+    assert back == 6 * 3 - 3 * len(p.resident_gpu)  # GPU-resident ones wait for the flush
+    replay.flush()
+    assert replay.write_bytes == 6 * L and sched.stats()["writes"] == 6
+    assert sched.stats()["copy_backs"] == back + len(p.resident_gpu)
+    assert sched.flushed() and sched.flush() == [] and sched.flushed()
+
+
+def test_write_through_for_tensors_not_kept():
+    """Nothing fits a cache: every dirtied tensor is copied back and written during the pass,
+    its write buffer freed once written; reads of the next pass wait for nothing stale."""
+    p = plan([L] * 4, range(4), gpu_bytes=L, pinned_bytes=2 * L, repeats=2, writes={1, 3},
+             pinned_stream_buffers=1)  # fmt: skip
+    assert p.pinned_cache_bytes == 0 and p.gpu_cache_bytes == 0
+    r = simulate(p)
+    assert r.disk_write_bytes == 2 * 2 * L and r.d2h_bytes == 2 * 2 * L
+    assert r.disk_read_bytes == 8 * L and r.peak_pinned_bytes <= 2 * L
+    replay = Replay(p, during_compute=lambda n: 0)
+    replay.run(p.trace, [t % 4 in (1, 3) for t in range(8)], tell=False)
+    assert replay.write_bytes >= 2 * L  # the first pass's, before the flush
+    replay.flush()
+    assert replay.write_bytes == 4 * L
+
+
+def test_scheduler_api_for_write_back():
+    p = plan([L] * 2, [0, 1], gpu_bytes=2 * L, pinned_bytes=2 * L, writes=[True, False])
+    sched = Scheduler(p)
+    assert set(TRANSFERS) >= {COPY_BACK, WRITE} and (COPY_BACK, WRITE) == (5, 6)
+    inflight = [a for a in sched.start() if a.kind in TRANSFERS]
+    while not sched.on_gpu(0):
+        inflight += [a for a in sched.done(inflight.pop(0).id) if a.kind in TRANSFERS]
+    sched.step(0)
+    actions = sched.finish()  # step 0 wrote tensor 0: copied back as soon as it ends
+    assert [a.kind for a in actions if a.tensor == 0] == [COPY_BACK]
+    back = next(a for a in actions if a.kind == COPY_BACK)
+    assert back.step == 0 and back.nbytes == L
+    assert not sched.flushed() or sched.stats()["copy_backs"] == 1
+    out = sched.flush()
+    assert not sched.flushed()  # the copy-back, then the write, are still to come
+    pending = inflight + [a for a in actions + out if a.kind in TRANSFERS]
+    while pending:
+        pending += [a for a in sched.done(pending.pop(0).id) if a.kind in TRANSFERS]
+    assert sched.flushed() and sched.stats()["writes"] == 1
+
+
+def test_write_input_is_checked():
+    with pytest.raises(ConfigError, match=r"writes must be one bool per position"):
+        plan([L], [0, 0], gpu_bytes=L, pinned_bytes=L, writes=[True])
+    with pytest.raises(ConfigError, match=r"positions \[2\] are not positions of order"):
+        plan([L], [0, 0], gpu_bytes=L, pinned_bytes=L, writes={2})
+    with pytest.raises(CapacityError, match=r"dirtied tensor of .* pinned budget"):
+        plan([L, 4 * L], [0, 1], gpu_bytes=4 * L, pinned_bytes=2 * L, writes={1})
+    both = plan([L] * 2, [0, 1], gpu_bytes=L, pinned_bytes=2 * L, writes={1})
+    assert list(both.writes) == [0, 1] and both.pinned_write_bytes == L
+    ro = plan([L] * 2, [0, 1], gpu_bytes=L, pinned_bytes=2 * L)
+    assert ro.pinned_write_bytes == 0 and simulate(ro).disk_write_bytes == 0
+
+
+def test_residency_prefers_dirty_tensors():
+    """Half the tensors are dirtied; the pinned cache holds a quarter: all of it dirty ones
+    (each saves a read and a write per pass, a clean one only a read), spread over the pass."""
+    n = 40
+    p = plan([L] * n, range(n), gpu_bytes=2 * L, pinned_bytes=12 * L, bandwidths=BW, repeats=3,
+             writes={i for i in range(n) if i % 2}, gpu_stream_buffers=2)  # fmt: skip
+    kept = p.resident_pinned | p.resident_gpu
+    assert kept and all(i % 2 for i in kept)
+    assert max(p.resident_pinned) - min(p.resident_pinned) > n / 2
+
+
+def test_bound_with_writes_by_hand():
+    """W = 10 units, D = 6 dirtied, G = 2, P = 3 (M = 5), 3 passes:
+    reads 10 + 2 * 5, writes 6 + 2 * 1, h2d 10 + 2 * 8, d2h 6 + 2 * 4."""
+    bw = Bandwidths(disk_read=1.0, disk_write=2.0, h2d=4.0, d2h=1.0)
+    p = plan([1] * 10, range(10), gpu_bytes=2, pinned_bytes=3, bandwidths=bw, repeats=3,
+             writes=set(range(6)))  # fmt: skip
+    disk = (10 + 2 * 5) / 1.0 + (6 + 2 * 1) / 2.0
+    assert simulate(p).bound_s == pytest.approx(max(disk, (10 + 2 * 8) / 4.0, 6 + 2 * 4))
+    slow_d2h = Bandwidths(disk_read=100.0, disk_write=100.0, h2d=100.0, d2h=0.5)
+    q = plan([1] * 10, range(10), gpu_bytes=2, pinned_bytes=3, bandwidths=slow_d2h, repeats=3,
+             writes=set(range(6)))  # fmt: skip
+    r = simulate(q)
+    assert r.bound_s == pytest.approx((6 + 2 * 4) / 0.5) and r.bound_s <= r.time_s
+
+
+def _sweep(bandwidths, repeats=4):
+    """An optimizer sweep: 80 equal units, each read and written once per pass; pinned budget
+    half the units, GPU three."""
+    return plan([L] * 80, range(80), gpu_bytes=3 * L, pinned_bytes=40 * L,
+                bandwidths=bandwidths, repeats=repeats, writes=[True] * 80)  # fmt: skip
+
+
+def test_optimizer_sweep_within_10pct_of_the_bound():
+    p = _sweep(BW)
+    r = simulate(p)
+    assert r.bound_s <= r.time_s <= 1.10 * r.bound_s
+    kept = len(p.resident_gpu) + len(p.resident_pinned)
+    assert kept >= 40  # the write-back caches hold (almost) every byte of the budgets
+    assert r.disk_read_bytes == (80 + 3 * (80 - kept)) * L
+    assert r.disk_write_bytes == r.disk_read_bytes  # each unit once, the kept ones at the flush
+    assert r.d2h_bytes == (4 * 80 - 3 * len(p.resident_gpu)) * L
+    assert r.peak_pinned_bytes <= 40 * L and r.peak_gpu_bytes <= 3 * L
+
+
+NVME = [
+    Bandwidths(disk_read=25e9, disk_write=25e9, h2d=55e9, d2h=55e9),
+    Bandwidths(disk_read=50e9, disk_write=50e9, h2d=55e9, d2h=55e9),
+]
+
+
+@pytest.mark.parametrize("bandwidths", NVME, ids=["nvme-25GBps", "nvme-50GBps"])
+@pytest.mark.parametrize("pinned_layers", [0, 20, 40])
+def test_inference_scan_on_nvme_arrays_within_10pct_of_the_bound(bandwidths, pinned_layers):
+    """80 layers, GPU budget three, pinned budget 0, 1/4, 1/2 of the weights, 4 passes: when the
+    disk is almost as fast as PCIe, direct reads share the link and the bound is h2d's."""
+    p = plan([L] * 80, range(80), gpu_bytes=3 * L, pinned_bytes=pinned_layers * L,
+             bandwidths=bandwidths, repeats=4)  # fmt: skip
+    r = simulate(p)
+    assert r.bound_s <= r.time_s <= 1.10 * r.bound_s
+    assert r.disk_write_bytes == 0 and r.d2h_bytes == 0
+
+
+@pytest.mark.parametrize("bandwidths", NVME, ids=["nvme-25GBps", "nvme-50GBps"])
+def test_optimizer_sweep_on_nvme_arrays_within_10pct_of_the_bound(bandwidths):
+    r = simulate(_sweep(bandwidths))
+    assert r.bound_s <= r.time_s <= 1.10 * r.bound_s
+
+
+def test_simulate_counts_the_final_flush():
+    """All four units stay pinned and dirty: their writes happen only in the final flush, and
+    the time includes them."""
+    bw = Bandwidths(disk_read=1e9, disk_write=1e9, h2d=1e12, d2h=1e12)
+    p = plan([L] * 4, range(4), gpu_bytes=L, pinned_bytes=6 * L, bandwidths=bw, repeats=2,
+             writes=[True] * 4)  # fmt: skip
+    r = simulate(p)
+    assert r.disk_read_bytes == 4 * L and r.disk_write_bytes == 4 * L
+    assert r.time_s >= (4 * L + 4 * L) / 1e9  # the flush's writes follow the first pass's reads

@@ -7,6 +7,7 @@
 #include <limits>
 #include <queue>
 #include <stdexcept>
+#include <tuple>
 #include <unordered_set>
 
 #include "infinity/arena.h"  // CapacityError
@@ -38,6 +39,10 @@ void validate(const PlanInput& in) {
   for (double c : in.compute_s)
     if (!(c >= 0) || !std::isfinite(c))
       throw std::invalid_argument("compute_s entries must be >= 0 seconds");
+  if (!in.writes.empty() && in.writes.size() != in.order.size())
+    throw std::invalid_argument("writes has " + std::to_string(in.writes.size()) +
+                                " entries; give one per position of order (" +
+                                std::to_string(in.order.size()) + ") or none");
 }
 
 void check_fits(uint64_t budget, uint64_t largest, const char* what) {
@@ -80,15 +85,37 @@ std::vector<int32_t> spread(const std::vector<int32_t>& candidates,
   return kept;
 }
 
+// Kept copies of dirtied tensors save the most (a read and a write per pass in pinned memory;
+// also a copy each way on the GPU): they are chosen first, spread over the pass, then the clean
+// ones in what room is left.
+std::vector<int32_t> spread_dirty_first(const std::vector<int32_t>& candidates,
+                                        const std::vector<uint8_t>& dirty,
+                                        const std::vector<uint64_t>& sizes, uint64_t capacity) {
+  std::vector<int32_t> first, rest;
+  for (int32_t id : candidates) (dirty[id] ? first : rest).push_back(id);
+  std::vector<int32_t> kept = spread(first, sizes, capacity);
+  uint64_t used = 0;
+  for (int32_t id : kept) used += sizes[id];
+  for (int32_t id : spread(rest, sizes, capacity - used)) kept.push_back(id);
+  std::unordered_set<int32_t> chosen(kept.begin(), kept.end());
+  kept.clear();
+  for (int32_t id : candidates)  // in access order
+    if (chosen.count(id)) kept.push_back(id);
+  return kept;
+}
+
 void plan_cyclic(Plan& p) {
   const PlanInput& in = p.input;
   const auto m = static_cast<int64_t>(in.order.size());
-  p.resident_gpu = spread(in.order, in.sizes, p.gpu_cache_bytes);
+  std::vector<uint8_t> dirty(in.sizes.size(), 0);
+  for (int64_t i = 0; i < m; ++i)
+    if (p.writes_at(i)) dirty[in.order[i]] = 1;
+  p.resident_gpu = spread_dirty_first(in.order, dirty, in.sizes, p.gpu_cache_bytes);
   std::unordered_set<int32_t> on_gpu(p.resident_gpu.begin(), p.resident_gpu.end());
   std::vector<int32_t> rest;
   for (int32_t id : in.order)
     if (!on_gpu.count(id)) rest.push_back(id);
-  p.resident_pinned = spread(rest, in.sizes, p.pinned_cache_bytes);
+  p.resident_pinned = spread_dirty_first(rest, dirty, in.sizes, p.pinned_cache_bytes);
   std::unordered_set<int32_t> pinned(p.resident_pinned.begin(), p.resident_pinned.end());
   for (int64_t t = 0; t < static_cast<int64_t>(p.trace.size()); ++t) {
     const int32_t x = p.trace[t];
@@ -158,8 +185,10 @@ struct Cache {
 };
 
 // pinned_first: a tensor goes to the GPU cache only when the pinned cache turns it away, so the
-// GPU budget holds what would otherwise be read from disk again.
-void plan_belady(Plan& p, bool per_byte, bool pinned_first) {
+// GPU budget holds what would otherwise be read from disk again. exclusive (GPU first): a tensor
+// the GPU cache takes is not also put in the pinned cache, where it could only evict a tensor
+// that needs the room more.
+void plan_belady(Plan& p, bool per_byte, bool pinned_first, bool exclusive) {
   const PlanInput& in = p.input;
   const auto steps = static_cast<int64_t>(p.trace.size());
   std::vector<int64_t> next_use(steps), last(in.sizes.size(), kNever);
@@ -190,6 +219,7 @@ void plan_belady(Plan& p, bool per_byte, bool pinned_first) {
       continue;
     }
     if (!pinned_first) to_gpu();
+    if (exclusive && p.keep_gpu[t]) continue;
     evicted.clear();
     p.keep_pinned[t] = pinned.admit(x, t, next_use[t], in.sizes, evicted);
     for (int32_t v : evicted) p.evict_pinned.emplace_back(t, v);
@@ -217,13 +247,14 @@ Plan plan_residency(Plan p) {
     plan_cyclic(p);
     return p;
   }
-  // Four variants (ranking x which tier is asked first); keep the one that reads the fewest
-  // bytes from disk, the first one on a tie (GPU first also saves host->GPU copies).
+  // Six variants (ranking x GPU first, pinned first, or GPU first and exclusive); keep the one
+  // that reads the fewest bytes from disk, the first one on a tie (GPU first also saves
+  // host->GPU copies).
   Plan best;
   uint64_t best_bytes = 0;
-  for (int variant = 0; variant < 4; ++variant) {
+  for (int variant = 0; variant < 6; ++variant) {
     Plan candidate = p;
-    plan_belady(candidate, variant & 1, variant & 2);
+    plan_belady(candidate, variant & 1, (variant >> 1) == 1, (variant >> 1) == 2);
     const uint64_t bytes = planned_disk_bytes(candidate);
     if (variant == 0 || bytes < best_bytes) {
       best = std::move(candidate);
@@ -239,6 +270,10 @@ double Plan::compute_at(int64_t step) const {
   return input.compute_s[step % input.compute_s.size()];
 }
 
+bool Plan::writes_at(int64_t step) const {
+  return !input.writes.empty() && input.writes[step % input.writes.size()];
+}
+
 Plan make_plan(const PlanInput& in) {
   validate(in);
   Plan p;
@@ -249,22 +284,34 @@ Plan make_plan(const PlanInput& in) {
   p.source.assign(steps, kFromDisk);
   p.keep_gpu.assign(steps, 0);
   p.keep_pinned.assign(steps, 0);
-  uint64_t largest = 0;
-  for (int32_t id : in.order) largest = std::max(largest, in.sizes[id]);
+  uint64_t largest = 0, largest_dirty = 0;
+  for (size_t i = 0; i < in.order.size(); ++i) {
+    largest = std::max(largest, in.sizes[in.order[i]]);
+    if (p.writes_at(int64_t(i))) largest_dirty = std::max(largest_dirty, in.sizes[in.order[i]]);
+  }
   if (in.order.empty()) return p;
   check_fits(in.gpu_bytes, largest, "GPU");
+  if (largest_dirty > in.pinned_bytes)
+    throw CapacityError("a dirtied tensor of " + std::to_string(largest_dirty) +
+                        " bytes does not fit the pinned budget of " +
+                        std::to_string(in.pinned_bytes) +
+                        " bytes (its write-back goes through pinned memory); raise it to at "
+                        "least " + std::to_string(largest_dirty));
   std::unordered_set<int32_t> distinct(in.order.begin(), in.order.end());
   p.cyclic = distinct.size() == in.order.size();
   // Stream reserves of two buffers of the largest tensor (one in use, the next arriving) or one
   // (a tensor more in the cache, less overlap), or none in pinned memory (reads go straight to
   // the GPU): every choice the budgets allow is planned and simulated, and the fastest is kept
-  // (the first on a tie).
+  // (the first on a tie). With writes, pinned memory also keeps a write reserve of one buffer
+  // of the largest dirtied tensor (what makes write-back always progress, scheduler.cpp).
+  p.pinned_write_bytes = largest_dirty;
   Plan best;
   double best_s = 0;
   bool have = false;
   for (uint64_t gpu_buffers : {2, 1}) {
     for (uint64_t pinned_buffers : {2, 1, 0}) {  // 0: disk -> GPU directly, no staging
-      if (gpu_buffers * largest > in.gpu_bytes || pinned_buffers * largest > in.pinned_bytes)
+      if (gpu_buffers * largest > in.gpu_bytes ||
+          pinned_buffers * largest + p.pinned_write_bytes > in.pinned_bytes)
         continue;
       if ((in.gpu_stream_buffers >= 0 && uint64_t(in.gpu_stream_buffers) != gpu_buffers) ||
           (in.pinned_stream_buffers >= 0 && uint64_t(in.pinned_stream_buffers) != pinned_buffers))
@@ -273,7 +320,7 @@ Plan make_plan(const PlanInput& in) {
       c.gpu_stream_bytes = gpu_buffers * largest;
       c.pinned_stream_bytes = pinned_buffers * largest;
       c.gpu_cache_bytes = in.gpu_bytes - c.gpu_stream_bytes;
-      c.pinned_cache_bytes = in.pinned_bytes - c.pinned_stream_bytes;
+      c.pinned_cache_bytes = in.pinned_bytes - c.pinned_stream_bytes - c.pinned_write_bytes;
       c = plan_residency(std::move(c));
       const double time_s = simulate(c).time_s;
       if (!have || time_s < best_s) {
@@ -288,62 +335,95 @@ Plan make_plan(const PlanInput& in) {
                         " and pinned " + std::to_string(in.pinned_stream_buffers) +
                         " buffers of " + std::to_string(largest) + " bytes asked, budgets GPU " +
                         std::to_string(in.gpu_bytes) + " and pinned " +
-                        std::to_string(in.pinned_bytes) + " bytes");
+                        std::to_string(in.pinned_bytes) + " bytes (of which " +
+                        std::to_string(p.pinned_write_bytes) + " the write-back reserve)");
   return best;
 }
 
 double bound_seconds(const PlanInput& in) {
-  std::unordered_set<int32_t> distinct(in.order.begin(), in.order.end());
-  long double w_distinct = 0, w_pass = 0, compute = 0;
-  for (int32_t id : distinct) w_distinct += in.sizes[id];
-  for (int32_t id : in.order) w_pass += in.sizes[id];
+  // planner.h gives the formula and why it is a lower bound.
+  std::unordered_set<int32_t> distinct(in.order.begin(), in.order.end()), dirtied;
+  for (size_t i = 0; i < in.writes.size(); ++i)
+    if (in.writes[i]) dirtied.insert(in.order[i]);
+  long double w = 0, d = 0, compute = 0;
+  for (int32_t id : distinct) w += in.sizes[id];
+  for (int32_t id : dirtied) d += in.sizes[id];
   for (double c : in.compute_s) compute += c;
   const long double later = in.repeats - 1;
-  const long double disk =
-      w_distinct + later * std::max<long double>(0, w_distinct - in.gpu_bytes - in.pinned_bytes);
-  const long double pcie =
-      w_distinct + later * std::max<long double>(0, w_pass - (long double)in.gpu_bytes);
-  return double(std::max({disk / in.bandwidths.disk_read, pcie / in.bandwidths.h2d,
-                          compute * in.repeats}));
+  const long double gpu = in.gpu_bytes, memory = gpu + (long double)in.pinned_bytes;
+  auto beyond = [](long double bytes, long double kept) {
+    return std::max<long double>(0, bytes - kept);
+  };
+  const long double reads = w + later * beyond(w, memory);
+  const long double writes = d + later * beyond(d, memory);
+  const long double h2d = w + later * beyond(w, gpu);
+  const long double d2h = d + later * beyond(d, gpu);
+  const Bandwidths& bw = in.bandwidths;
+  return double(std::max({reads / bw.disk_read + writes / bw.disk_write, h2d / bw.h2d,
+                          d2h / bw.d2h, compute * in.repeats}));
 }
 
 SimResult simulate(const Plan& plan) {
   const Bandwidths& bw = plan.input.bandwidths;
   SimResult r;
   r.bound_s = bound_seconds(plan.input);
-  Scheduler sched(plan);
-  using Event = std::pair<double, int64_t>;  // (completion time, action id)
+  Scheduler sched(plan, /*past_end=*/false);
+  // (time, action id, and for a direct read's first event: its bytes and when its disk half
+  // ends). A direct read streams through the aio engine's bounce buffers, chunk by chunk, so its
+  // bytes cross the host->GPU link while the disk reads them: it takes n / h2d of the link
+  // (served in arrival order), from n / h2d before its disk half ends (or from the start, when
+  // the link is the slower), and ends when both halves have.
+  using Event = std::tuple<double, int64_t, uint64_t, double>;
   std::priority_queue<Event, std::vector<Event>, std::greater<Event>> events;
-  double disk_free = 0, link_free = 0;
+  double disk_free = 0, h2d_free = 0, d2h_free = 0;
+  // One device or link, serving in issue order: returns when this transfer ends.
+  auto serve = [](double now, double& free, double seconds, double& busy) {
+    free = std::max(now, free) + seconds;
+    busy += seconds;
+    return free;
+  };
   auto dispatch = [&](const std::vector<Action>& actions, double now) {
     for (const Action& a : actions) {
+      const double n = double(a.nbytes);
       if (a.kind == kRead || a.kind == kReadToGpu) {
-        const double start = std::max(now, disk_free), d = a.nbytes / bw.disk_read;
-        disk_free = start + d;
-        r.disk_busy_s += d;
-        if (a.step < int64_t(plan.trace.size())) r.disk_read_bytes += a.nbytes;
-        events.push({disk_free, a.id});
+        const double disk_end = serve(now, disk_free, n / bw.disk_read, r.disk_busy_s);
+        if (a.kind == kReadToGpu) {
+          const double link_from = std::max(disk_end - n / bw.disk_read, disk_end - n / bw.h2d);
+          events.push({link_from, a.id, a.nbytes, disk_end});
+        } else {
+          events.push({disk_end, a.id, 0, 0});
+        }
+        r.disk_read_bytes += a.nbytes;
+      } else if (a.kind == kWrite) {
+        events.push({serve(now, disk_free, n / bw.disk_write, r.disk_busy_s), a.id, 0, 0});
+        r.disk_write_bytes += a.nbytes;
       } else if (a.kind == kCopy) {
-        const double start = std::max(now, link_free), d = a.nbytes / bw.h2d;
-        link_free = start + d;
-        r.h2d_busy_s += d;
-        if (a.step < int64_t(plan.trace.size())) r.h2d_bytes += a.nbytes;
-        events.push({link_free, a.id});
+        events.push({serve(now, h2d_free, n / bw.h2d, r.h2d_busy_s), a.id, 0, 0});
+        r.h2d_bytes += a.nbytes;
+      } else if (a.kind == kCopyBack) {
+        events.push({serve(now, d2h_free, n / bw.d2h, r.d2h_busy_s), a.id, 0, 0});
+        r.d2h_bytes += a.nbytes;
       }
     }
   };
   auto next_event = [&]() {
-    const Event e = events.top();
+    const auto [when, id, to_gpu, disk_end] = events.top();
     events.pop();
-    dispatch(sched.done(e.second), e.first);
-    return e.first;
+    if (to_gpu > 0) {  // a direct read's link half joins the link's queue
+      const double link_end = serve(when, h2d_free, double(to_gpu) / bw.h2d, r.h2d_busy_s);
+      events.push({std::max(disk_end, link_end), id, 0, 0});
+      r.h2d_bytes += to_gpu;
+      return when;
+    }
+    dispatch(sched.done(id), when);
+    return when;
   };
   dispatch(sched.start(), 0);
   double compute_free = 0;
   r.step_end_s.resize(plan.trace.size());
   for (size_t t = 0; t < plan.trace.size(); ++t) {
     const int32_t x = plan.trace[t];
-    while (!events.empty() && events.top().first <= compute_free) next_event();
+    while (!events.empty() && std::get<0>(events.top()) <= compute_free) next_event();
     dispatch(sched.step(x), compute_free);
     double now = compute_free;
     while (!sched.on_gpu(x)) {
@@ -358,7 +438,16 @@ SimResult simulate(const Plan& plan) {
     compute_free = now + c;
     r.step_end_s[t] = compute_free;
   }
-  r.time_s = compute_free;
+  // The final flush: every dirty byte reaches the disk.
+  while (!events.empty() && std::get<0>(events.top()) <= compute_free) next_event();
+  dispatch(sched.flush(), compute_free);
+  double end = compute_free;
+  while (!sched.flushed()) {
+    if (events.empty())
+      throw std::logic_error("scheduler stalled in the final flush (dirty data never written)");
+    end = std::max(end, next_event());
+  }
+  r.time_s = end;
   r.peak_gpu_bytes = sched.stats().peak_gpu;
   r.peak_pinned_bytes = sched.stats().peak_pinned;
   return r;

@@ -1,10 +1,18 @@
-// Online prefetch scheduler (scheduler.h).
+// Online prefetch and write-back scheduler (scheduler.h).
 //
 // Two cursors run ahead of the step being computed: the read cursor issues disk reads into
 // pinned buffers, the copy cursor issues host->GPU copies, each in step order and each as far
 // as its budget (cache or stream reserve) allows. A stream buffer belongs to one step and is
 // freed when that step is over (GPU) or its copy is done (pinned); a cache entry stays until
 // the plan evicts it and its last user is done.
+//
+// Write-back goes first in every pump: a dirty GPU copy is copied back into the tensor's pinned
+// buffer (a new write buffer if it has none), a dirty pinned copy is written to disk. Why it
+// cannot deadlock: reads and cache admissions in pinned memory always leave the write reserve
+// (plan.pinned_write_bytes, at least the largest dirtied tensor) free of everything but write
+// buffers, so a copy-back finds room whenever no write buffer is held, and write buffers only
+// wait for the disk. Dirty GPU copies therefore drain, and with them the GPU room that copies
+// for the next steps wait for.
 #include "infinity/scheduler.h"
 
 #include <algorithm>
@@ -15,8 +23,9 @@
 
 namespace infinity {
 
-Scheduler::Scheduler(const Plan& plan)
+Scheduler::Scheduler(const Plan& plan, bool past_end)
     : plan_(plan),
+      past_end_(past_end),
       tensors_(plan.input.sizes.size()),
       evict_gpu_at_(plan.trace.size()),
       evict_pinned_at_(plan.trace.size()) {
@@ -24,6 +33,21 @@ Scheduler::Scheduler(const Plan& plan)
   for (const auto& [step, id] : plan_.evict_pinned) evict_pinned_at_[step].push_back(id);
   last_use_gpu_.assign(tensors_.size(), -1);
   last_use_pinned_.assign(tensors_.size(), -1);
+  const auto steps = static_cast<int64_t>(plan_.trace.size());
+  const auto m = static_cast<int64_t>(plan_.input.order.size());
+  writes_.assign(steps, 0);
+  prev_write_.assign(steps, -1);
+  last_writer_.assign(tensors_.size(), -1);
+  std::vector<int64_t> last(tensors_.size(), -1);
+  for (int64_t i = 0; i < steps; ++i) {
+    const int32_t x = plan_.trace[i];
+    writes_[i] = plan_.writes_at(i);
+    prev_write_[i] = last[x];
+    if (writes_[i]) {
+      last[x] = i;
+      if (i >= steps - m) last_writer_[x] = i;
+    }
+  }
 }
 
 int64_t Scheduler::index(int64_t step) const {
@@ -33,64 +57,85 @@ int64_t Scheduler::index(int64_t step) const {
   return steps - m + (step - (steps - m)) % m;
 }
 
+int64_t Scheduler::prev_writer(int64_t step) const {
+  const int64_t i = index(step), shift = step - i;
+  const int64_t w = prev_write_[i];
+  if (shift == 0) return w;
+  const auto m = static_cast<int64_t>(plan_.input.order.size());
+  if (w >= static_cast<int64_t>(plan_.trace.size()) - m) return w + shift;  // same repetition
+  const int64_t last = last_writer_[plan_.trace[i]];  // the repetition before
+  return last >= 0 ? last + shift - m : w;
+}
+
+// A step before `step` that writes `tensor` is not over: the planned writers, and the current
+// step when it writes (as planned or not).
+bool Scheduler::writer_pending(int32_t tensor, int64_t step) const {
+  return prev_writer(step) > finished_ || (tensor == current_ && current_writes_ && step > cursor_);
+}
+
 // A copy serves `step` if it was fetched for it or for a later step (it stays until that one),
 // or is a cache entry that is not being dropped (or is, but only after `step`, which was planned
-// to read it before).
+// to read it before), or is a write buffer (the newest contents, until it is given back).
 bool Scheduler::usable(int32_t tensor, bool gpu, int64_t step) const {
   const Copy& c = gpu ? tensors_[tensor].gpu : tensors_[tensor].pinned;
   if (c.state == kNone) return false;
-  if (c.owner >= step) return true;
+  if (c.owner >= step || c.owner == kWriteBack) return true;
   if (c.owner != kCache) return false;
   return !c.evicting || step <= (gpu ? last_use_gpu_ : last_use_pinned_)[tensor];
 }
 
 void Scheduler::emit(std::vector<Action>& out, uint8_t kind, int32_t tensor, int64_t step,
                      bool cached) {
-  const uint64_t nbytes = plan_.input.sizes[tensor];
-  Action a{-1, kind, tensor, step, nbytes, uint8_t(cached)};
-  const bool transfer = kind == kRead || kind == kCopy || kind == kReadToGpu;
-  if (transfer) {
+  Action a{-1, kind, tensor, step, plan_.input.sizes[tensor], uint8_t(cached)};
+  if (kind != kFreePinned && kind != kFreeGpu) {
     a.id = next_id_++;
     pending_.push_back({kind, tensor});
   }
-  const bool gpu = kind == kCopy || kind == kFreeGpu || kind == kReadToGpu;
-  uint64_t& pool = gpu ? (cached ? gpu_cache_used_ : gpu_stream_used_)
-                       : (cached ? pinned_cache_used_ : pinned_stream_used_);
-  if (transfer) {
-    pool += nbytes;
-  } else {
-    pool -= nbytes;
-  }
-  stats_.gpu_used = gpu_cache_used_ + gpu_stream_used_;
-  stats_.pinned_used = pinned_cache_used_ + pinned_stream_used_;
-  stats_.peak_gpu = std::max(stats_.peak_gpu, stats_.gpu_used);
-  stats_.peak_pinned = std::max(stats_.peak_pinned, stats_.pinned_used);
   if (kind == kRead || kind == kReadToGpu) ++stats_.reads;
   if (kind == kCopy) ++stats_.copies;
+  if (kind == kCopyBack) ++stats_.copy_backs;
+  if (kind == kWrite) ++stats_.writes;
   out.push_back(a);
+}
+
+void Scheduler::alloc(int32_t tensor, bool gpu, Pool pool, int64_t owner) {
+  Copy& c = gpu ? tensors_[tensor].gpu : tensors_[tensor].pinned;
+  c = Copy{kLoading, uint8_t(pool), owner, false, false, false};
+  used_[pool] += plan_.input.sizes[tensor];
+  stats_.gpu_used = used_[kGpuCache] + used_[kGpuStream];
+  stats_.pinned_used = used_[kPinnedCache] + used_[kPinnedStream] + used_[kPinnedWrite];
+  stats_.peak_gpu = std::max(stats_.peak_gpu, stats_.gpu_used);
+  stats_.peak_pinned = std::max(stats_.peak_pinned, stats_.pinned_used);
+  if (std::find(live_.begin(), live_.end(), tensor) == live_.end()) live_.push_back(tensor);
 }
 
 void Scheduler::free_copy(int32_t tensor, bool gpu, std::vector<Action>& out) {
   Copy& c = gpu ? tensors_[tensor].gpu : tensors_[tensor].pinned;
   emit(out, gpu ? kFreeGpu : kFreePinned, tensor, c.owner, c.owner == kCache);
-  if (c.evicting) (gpu ? gpu_evicting_ : pinned_evicting_) -= plan_.input.sizes[tensor];
+  const uint64_t size = plan_.input.sizes[tensor];
+  if (c.evicting) (gpu ? gpu_evicting_ : pinned_evicting_) -= size;
+  used_[c.pool] -= size;
+  stats_.gpu_used = used_[kGpuCache] + used_[kGpuStream];
+  stats_.pinned_used = used_[kPinnedCache] + used_[kPinnedStream] + used_[kPinnedWrite];
   c = Copy{};
   live_.erase(std::remove(live_.begin(), live_.end(), tensor), live_.end());
   if (tensors_[tensor].gpu.state != kNone || tensors_[tensor].pinned.state != kNone)
     live_.push_back(tensor);
 }
 
-// A copy may be given back once nothing planned or in flight still reads it.
+// A copy may be given back once nothing planned or in flight still reads it and it holds no
+// contents that are not also further down (dirty).
 bool Scheduler::releasable(int32_t tensor, bool gpu) const {
   const Tensor& t = tensors_[tensor];
   const Copy& c = gpu ? t.gpu : t.pinned;
-  if (c.state != kReady) return false;
+  if (c.state != kReady || c.dirty || c.busy) return false;
   if (gpu) {
     if (c.owner == kCache) return c.evicting && last_use_gpu_[tensor] <= finished_;
     if (c.owner == kDemand) return demanded_ != tensor;
     return c.owner <= finished_;
   }
   if (t.pinned_users > 0) return false;
+  if (c.owner == kWriteBack) return true;  // written: the disk has it
   if (c.owner == kCache) return c.evicting && last_use_pinned_[tensor] < copy_cursor_;
   if (c.owner == kDemand) return t.gpu.state == kReady || demanded_ != tensor;
   return c.owner < copy_cursor_ || t.gpu.owner == c.owner;  // its copy was issued
@@ -120,6 +165,7 @@ void Scheduler::evict(int32_t tensor, bool gpu) {
   c.evicting = true;
   (gpu ? gpu_evicting_ : pinned_evicting_) += plan_.input.sizes[tensor];
   if (std::find(live_.begin(), live_.end(), tensor) == live_.end()) live_.push_back(tensor);
+  if (c.dirty) queue(tensor);  // a write-back entry leaving the cache: write it back now
 }
 
 // The plan's evictions at `step` for one tier, once however often the cursor retries it. A copy
@@ -134,36 +180,38 @@ void Scheduler::apply_evictions(bool gpu, int64_t step, std::vector<Action>& out
   if (!victims.empty()) collect(out);
 }
 
-// A stream buffer fits the tier's stream reserve, or borrows cache space that nothing holds yet
-// (in the first pass the caches fill only as the plan reaches their tensors), so that a stall
-// in compute does not stop the disk; the tier's total stays within its budget and a cache
-// admission waits until the borrowed bytes are back (cache_room).
-bool Scheduler::stream_fits(bool gpu, uint64_t size) const {
-  const uint64_t streaming = gpu ? gpu_stream_used_ : pinned_stream_used_;
-  const uint64_t reserve = gpu ? plan_.gpu_stream_bytes : plan_.pinned_stream_bytes;
-  return streaming + size <= reserve || tier_fits(gpu, size);
+// Pinned bytes that reads and cache admissions leave free: what of the write reserve the write
+// buffers do not hold yet.
+uint64_t Scheduler::write_headroom() const {
+  return plan_.pinned_write_bytes > used_[kPinnedWrite]
+             ? plan_.pinned_write_bytes - used_[kPinnedWrite]
+             : 0;
 }
 
-// `size` more bytes fit the tier's whole budget (cache + stream reserve, whoever holds them).
-bool Scheduler::tier_fits(bool gpu, uint64_t size) const {
-  const uint64_t used = gpu ? gpu_cache_used_ + gpu_stream_used_
-                            : pinned_cache_used_ + pinned_stream_used_;
-  const uint64_t budget = gpu ? plan_.gpu_cache_bytes + plan_.gpu_stream_bytes
-                              : plan_.pinned_cache_bytes + plan_.pinned_stream_bytes;
-  return used + size <= budget;
+// `size` more bytes of a read, copy or cache admission fit the tier's whole budget (cache +
+// stream reserve, whoever holds them: a stream buffer may borrow cache space that nothing holds
+// yet, and a cache admission then waits until it is back), leaving the write headroom.
+bool Scheduler::fits(bool gpu, uint64_t size) const {
+  if (gpu) return used_[kGpuCache] + used_[kGpuStream] + size <= plan_.input.gpu_bytes;
+  return used_[kPinnedCache] + used_[kPinnedStream] + used_[kPinnedWrite] + size +
+             write_headroom() <=
+         plan_.input.pinned_bytes;
 }
 
 // Whether a fetch for trace index `i` goes into the tier's cache: kCacheRoom when the plan
 // keeps it and it fits; kWaitForRoom when it will fit once the planned evictions' last readers
 // are done; kNoCacheRoom otherwise (the caller streams it).
-int Scheduler::cache_room(bool gpu, int64_t i, uint64_t size) const {
-  if (!(gpu ? plan_.keep_gpu : plan_.keep_pinned)[i]) return kNoCacheRoom;
-  const uint64_t used = gpu ? gpu_cache_used_ : pinned_cache_used_;
+int Scheduler::cache_room(bool gpu, int64_t step, uint64_t size) const {
+  if (!(gpu ? plan_.keep_gpu : plan_.keep_pinned)[index(step)]) return kNoCacheRoom;
+  // A fetch again for a step the cursor had passed (its copy was lost) cannot count on the room
+  // the plan meant: fetches for later steps may hold it until after this one. It streams.
+  const bool again = step < (gpu ? copy_high_ : read_high_);
+  const uint64_t used = used_[gpu ? kGpuCache : kPinnedCache];
   const uint64_t cap = gpu ? plan_.gpu_cache_bytes : plan_.pinned_cache_bytes;
   if (used + size <= cap)  // and what streams borrowed from the cache is back
-    return tier_fits(gpu, size) ? kCacheRoom : kWaitForRoom;
-  return used - (gpu ? gpu_evicting_ : pinned_evicting_) + size <= cap ? kWaitForRoom
-                                                                      : kNoCacheRoom;
+    return fits(gpu, size) ? kCacheRoom : again ? kNoCacheRoom : kWaitForRoom;
+  return !again && used - (gpu ? gpu_evicting_ : pinned_evicting_) + size <= cap ? kWaitForRoom
+                                                                                : kNoCacheRoom;
 }
 
 bool Scheduler::issue_read(int64_t step, std::vector<Action>& out) {
@@ -171,25 +219,29 @@ bool Scheduler::issue_read(int64_t step, std::vector<Action>& out) {
   const int32_t x = plan_.trace[i];
   Tensor& t = tensors_[x];
   apply_evictions(false, step, out);
-  if (plan_.source[i] == kFromGpu && usable(x, true, step)) return true;
-  if (usable(x, true, step) && t.gpu.owner == step) return true;  // already fetched for it
-  if (usable(x, false, step)) {
+  // The disk copy is stale while a copy is dirty or a step before this one still writes it.
+  const bool stale = t.gpu.dirty || t.gpu.busy || writer_pending(x, step);
+  if (usable(x, true, step) &&
+      (plan_.source[i] == kFromGpu || t.gpu.owner == step || step == cursor_ || stale))
+    return true;  // (a GPU copy the step being computed uses, or that will be the newest)
+  if (usable(x, false, step)) {  // (a write buffer: claimed, see done(kWrite))
     last_use_pinned_[x] = std::max(last_use_pinned_[x], step);
     return true;
   }
   if (t.pinned.state != kNone) return false;  // another step's copy: wait until it is freed
+  if (stale) return false;                    // wait for the newest contents
   const uint64_t size = plan_.input.sizes[x];
-  const int room = cache_room(false, i, size);
+  const int room = cache_room(false, step, size);
   if (room == kWaitForRoom) return false;
   const bool cache = room == kCacheRoom;
   if (!cache && plan_.pinned_stream_bytes == 0) {
     // GPU buffers go to steps in order: a later step must not take the one an earlier copy needs
     return copy_cursor_ == step && read_to_gpu(step, out);
   }
-  if (!cache && !stream_fits(false, size)) return false;
-  t.pinned = Copy{kLoading, cache ? kCache : step, false};
+  if (!cache && !fits(false, size)) make_room(false, size, step, out);
+  if (!cache && !fits(false, size)) return false;
+  alloc(x, false, cache ? kPinnedCache : kPinnedStream, cache ? kCache : step);
   if (cache) last_use_pinned_[x] = step;
-  live_.push_back(x);
   emit(out, kRead, x, step, cache);
   return true;
 }
@@ -203,13 +255,13 @@ bool Scheduler::read_to_gpu(int64_t step, std::vector<Action>& out) {
   if (t.gpu.state != kNone) return false;  // another step's copy: wait until it is freed
   apply_evictions(true, step, out);
   const uint64_t size = plan_.input.sizes[x];
-  const int room = cache_room(true, i, size);
+  const int room = cache_room(true, step, size);
   if (room == kWaitForRoom) return false;
   const bool cache = room == kCacheRoom;
-  if (!cache && !stream_fits(true, size)) return false;
-  t.gpu = Copy{kLoading, cache ? kCache : step, false};
+  if (!cache && !fits(true, size)) make_room(true, size, step, out);
+  if (!cache && !fits(true, size)) return false;
+  alloc(x, true, cache ? kGpuCache : kGpuStream, cache ? kCache : step);
   last_use_gpu_[x] = std::max(last_use_gpu_[x], step);
-  if (std::find(live_.begin(), live_.end(), x) == live_.end()) live_.push_back(x);
   emit(out, kReadToGpu, x, step, cache);
   return true;
 }
@@ -223,48 +275,181 @@ bool Scheduler::issue_copy(int64_t step, std::vector<Action>& out) {
     last_use_gpu_[x] = std::max(last_use_gpu_[x], step);
     return true;
   }
+  if (writer_pending(x, step)) return false;  // its writer has not run: wait for its data
   if (!usable(x, false, step)) {
     if (t.pinned.state == kNone && read_cursor_ > step) read_cursor_ = step;  // lost: re-read
     return false;
   }
   if (t.pinned.state != kReady || t.gpu.state != kNone) return false;
   const uint64_t size = plan_.input.sizes[x];
-  const int room = cache_room(true, i, size);
+  const int room = cache_room(true, step, size);
   if (room == kWaitForRoom) return false;
   const bool cache = room == kCacheRoom;
-  if (!cache && !stream_fits(true, size)) return false;
-  t.gpu = Copy{kLoading, cache ? kCache : step, false};
+  if (!cache && !fits(true, size)) make_room(true, size, step, out);
+  if (!cache && !fits(true, size)) return false;
+  alloc(x, true, cache ? kGpuCache : kGpuStream, cache ? kCache : step);
   last_use_gpu_[x] = std::max(last_use_gpu_[x], step);
   ++t.pinned_users;
-  if (std::find(live_.begin(), live_.end(), x) == live_.end()) live_.push_back(x);
   emit(out, kCopy, x, step, cache);
   return true;
 }
 
+void Scheduler::queue(int32_t tensor) {
+  Tensor& t = tensors_[tensor];
+  if (!t.queued) {
+    t.queued = true;
+    writeback_.push_back(tensor);
+  }
+}
+
+// A write-back entry (a cache entry the plan keeps) stays dirty until evicted or flushed.
+bool Scheduler::wants_write_back(int32_t tensor) const {
+  const Tensor& t = tensors_[tensor];
+  auto due = [&](const Copy& c) {
+    return c.dirty && !c.busy && (c.owner != kCache || c.evicting || t.flush);
+  };
+  return due(t.gpu) || due(t.pinned);
+}
+
+// GPU -> pinned for a dirty GPU copy that is due, into the tensor's pinned buffer: a cache entry
+// or a write buffer it already has (once nothing reads it), else a new write buffer. A stale
+// read buffer (fetched before the write) is dropped first. True when issued.
+bool Scheduler::copy_back(int32_t x, std::vector<Action>& out) {
+  Tensor& t = tensors_[x];
+  Copy &g = t.gpu, &p = t.pinned;
+  if (!g.dirty || g.busy || g.state != kReady) return false;
+  if (g.owner == kCache && !g.evicting && !t.flush) return false;  // write-back on the GPU
+  if (x == current_ && current_writes_) return false;  // the step being computed changes it
+  if (g.owner == kCache && g.evicting && !t.flush && last_use_gpu_[x] > finished_)
+    return false;  // a planned step still reads (and may write) it: copy once, after that
+  if (p.state != kNone) {
+    if (p.state != kReady || p.busy || t.pinned_users > 0) return false;  // wait for its reader
+    if (p.owner != kCache && p.owner != kWriteBack) {  // fetched before the write: stale
+      const int64_t owner = p.owner;
+      free_copy(x, false, out);
+      if (owner > cursor_) {  // fetch it again later, from the newest contents
+        read_cursor_ = std::min(read_cursor_, owner);
+        copy_cursor_ = std::min(copy_cursor_, owner);
+      }
+    }
+  }
+  const uint64_t size = plan_.input.sizes[x];
+  auto room = [&] {
+    return used_[kPinnedCache] + used_[kPinnedStream] + used_[kPinnedWrite] + size <=
+           plan_.input.pinned_bytes;
+  };
+  if (p.state == kNone) {
+    // The write reserve makes room for any planned write once the write buffers drain. A
+    // write the plan did not know of (step(x, 1)) may find none: then prefetched reads go,
+    // then clean pinned cache entries (read again when next needed).
+    if (!room() && used_[kPinnedWrite] > 0) return false;
+    if (!room()) make_room(false, size, finished_, out, /*for_write=*/true);
+    while (!room()) {
+      int32_t victim = -1;
+      for (size_t v = 0; v < tensors_.size() && victim < 0; ++v) {
+        const Tensor& c = tensors_[v];
+        if (c.pinned.state == kReady && c.pinned.owner == kCache && !c.pinned.dirty &&
+            !c.pinned.busy && c.pinned_users == 0)
+          victim = int32_t(v);
+      }
+      if (victim < 0) {  // write a dirty cache entry now, drop it once written
+        for (size_t v = 0; v < tensors_.size(); ++v) {
+          Tensor& c = tensors_[v];
+          if (c.pinned.state == kReady && c.pinned.owner == kCache && c.pinned.dirty &&
+              !c.pinned.busy && c.pinned_users == 0) {
+            c.pinned.busy = true;
+            emit(out, kWrite, int32_t(v), c.dirty_step, true);
+            break;
+          }
+        }
+        return false;  // the rest is in flight: wait for it
+      }
+      free_copy(victim, false, out);
+    }
+    alloc(x, false, kPinnedWrite, kWriteBack);
+    last_use_pinned_[x] = -1;  // no step has claimed it yet
+  }
+  p.state = kLoading;
+  g.busy = true;
+  emit(out, kCopyBack, x, t.dirty_step, p.owner == kCache);
+  return true;
+}
+
+// pinned -> disk for a dirty pinned copy that is due. True when issued.
+bool Scheduler::write(int32_t x, std::vector<Action>& out) {
+  Tensor& t = tensors_[x];
+  Copy& p = t.pinned;
+  if (!p.dirty || p.busy || p.state != kReady) return false;
+  if (p.owner == kCache && !p.evicting && !t.flush) return false;  // write-back cache
+  p.busy = true;
+  emit(out, kWrite, x, t.dirty_step, p.owner == kCache);
+  return true;
+}
+
+void Scheduler::write_back(std::vector<Action>& out) {
+  for (size_t k = 0; k < writeback_.size();) {
+    const int32_t x = writeback_[k];
+    copy_back(x, out);
+    write(x, out);  // (a copy-back just issued makes the pinned copy busy: nothing to write yet)
+    if (!wants_write_back(x)) {
+      tensors_[x].queued = false;
+      writeback_[k] = writeback_.back();
+      writeback_.pop_back();
+      continue;
+    }
+    ++k;
+  }
+}
+
+void Scheduler::settle_flush(int32_t x) {
+  Tensor& t = tensors_[x];
+  if (t.flush && !t.gpu.dirty && !t.gpu.busy && !t.pinned.dirty && !t.pinned.busy) {
+    t.flush = false;
+    --flush_pending_;
+  }
+}
+
 void Scheduler::pump(std::vector<Action>& out) {
-  const int64_t horizon = cursor_ + 1 + int64_t(plan_.trace.size());  // at most one trace ahead
+  const auto steps = static_cast<int64_t>(plan_.trace.size());
+  const int64_t horizon =  // at most one trace ahead; or the trace's end
+      past_end_ ? cursor_ + 1 + steps : std::max(steps, cursor_ + 1);
   size_t before;
   do {  // until nothing more can be issued (a free can make room for a waiting transfer)
     before = out.size();
     collect(out);
-    if (demanded_ >= 0 && !demand(demanded_, out)) return;  // the demand goes first
-    while (copy_cursor_ < read_cursor_ && issue_copy(copy_cursor_, out)) ++copy_cursor_;
+    write_back(out);  // write-back goes before reads: it is what frees GPU and pinned room
+    if (demanded_ >= 0 && !demand(demanded_, out)) continue;  // the demand goes first
+    auto copies = [&] {
+      while (copy_cursor_ < read_cursor_ && issue_copy(copy_cursor_, out))
+        copy_high_ = std::max(copy_high_, ++copy_cursor_);
+    };
+    copies();
     while (read_cursor_ < horizon && issue_read(read_cursor_, out)) {
-      ++read_cursor_;
-      while (copy_cursor_ < read_cursor_ && issue_copy(copy_cursor_, out)) ++copy_cursor_;
+      read_high_ = std::max(read_high_, ++read_cursor_);
+      copies();
     }
   } while (out.size() != before);
 }
 
-// Frees prefetched stream copies of future steps (furthest first) until `nbytes` fit, and moves
-// the cursors back so that they are fetched again later.
-void Scheduler::make_room(bool gpu, uint64_t nbytes, std::vector<Action>& out) {
-  while (!stream_fits(gpu, nbytes)) {
+// Frees prefetched stream copies of steps after `after` (furthest first) until `nbytes` fit, and
+// moves the cursors back so that they are fetched again later. A demand takes them from any
+// future step; a fetch for step s (moved back because its copy was lost) from steps after s,
+// which would otherwise hold the room s waits for until s is served: buffers go to steps in
+// order.
+void Scheduler::make_room(bool gpu, uint64_t nbytes, int64_t after, std::vector<Action>& out,
+                          bool for_write) {
+  auto enough = [&] {
+    if (!for_write) return fits(gpu, nbytes);
+    return used_[kPinnedCache] + used_[kPinnedStream] + used_[kPinnedWrite] + nbytes <=
+           plan_.input.pinned_bytes;
+  };
+  while (!enough()) {
     int32_t victim = -1;
     for (int32_t x : live_) {
       const Tensor& t = tensors_[x];
       const Copy& c = gpu ? t.gpu : t.pinned;
-      if (c.state == kReady && c.owner > cursor_ && (gpu || t.pinned_users == 0) &&
+      if (c.state == kReady && c.owner > after && !c.dirty && !c.busy &&
+          (gpu || (t.pinned_users == 0 && t.gpu.owner != c.owner)) &&
           (victim < 0 || c.owner > (gpu ? tensors_[victim].gpu : tensors_[victim].pinned).owner))
         victim = x;
     }
@@ -278,37 +463,37 @@ void Scheduler::make_room(bool gpu, uint64_t nbytes, std::vector<Action>& out) {
 
 bool Scheduler::demand(int32_t x, std::vector<Action>& out) {
   Tensor& t = tensors_[x];
-  if (t.gpu.state != kNone) return true;  // on its way or there
+  if (t.gpu.state != kNone) return true;  // on its way or there (a GPU copy is the newest)
   const uint64_t size = plan_.input.sizes[x];
   const bool direct = plan_.pinned_stream_bytes == 0;
   if (size > plan_.gpu_stream_bytes || (!direct && size > plan_.pinned_stream_bytes)) {
-    demanded_ = -1;
+    demanded_ = current_ = -1;
+    current_writes_ = false;
     throw CapacityError("tensor " + std::to_string(x) + " (" + std::to_string(size) +
                         " bytes, not in the plan's order) exceeds the stream buffers (GPU " +
                         std::to_string(plan_.gpu_stream_bytes) + ", pinned " +
                         std::to_string(plan_.pinned_stream_bytes) +
                         " bytes); include it in the order given to plan()");
   }
+  // (no copy anywhere: nothing is dirty, the disk has the newest contents)
   if (t.pinned.state == kNone && direct) {
-    make_room(true, size, out);
-    if (!stream_fits(true, size)) return false;
-    t.gpu = Copy{kLoading, kDemand, false};
-    live_.push_back(x);
+    make_room(true, size, cursor_, out);
+    if (!fits(true, size)) return false;
+    alloc(x, true, kGpuStream, kDemand);
     emit(out, kReadToGpu, x, -1, false);
     return true;
   }
   if (t.pinned.state == kNone) {
-    make_room(false, size, out);
-    if (!stream_fits(false, size)) return false;
-    t.pinned = Copy{kLoading, kDemand, false};
-    live_.push_back(x);
+    make_room(false, size, cursor_, out);
+    if (!fits(false, size)) return false;
+    alloc(x, false, kPinnedStream, kDemand);
     emit(out, kRead, x, -1, false);
     return false;
   }
   if (t.pinned.state != kReady) return false;
-  make_room(true, size, out);
-  if (!stream_fits(true, size)) return false;
-  t.gpu = Copy{kLoading, kDemand, false};
+  make_room(true, size, cursor_, out);
+  if (!fits(true, size)) return false;
+  alloc(x, true, kGpuStream, kDemand);
   ++t.pinned_users;
   emit(out, kCopy, x, -1, false);
   return true;
@@ -320,14 +505,40 @@ std::vector<Action> Scheduler::start() {
   return out;
 }
 
-std::vector<Action> Scheduler::step(int32_t tensor) {
+// The step being computed is over: a step that wrote its tensor leaves its GPU copy dirty.
+void Scheduler::end_step() {
+  if (current_ >= 0 && current_writes_) {
+    Tensor& t = tensors_[current_];
+    if (t.gpu.state == kNone)
+      throw std::invalid_argument("step " + std::to_string(current_step_) + " (tensor " +
+                                  std::to_string(current_) +
+                                  ") wrote its tensor but it never reached the GPU; wait for "
+                                  "on_gpu(tensor) before computing");
+    t.gpu.dirty = true;
+    t.dirty_step = current_step_;
+    ++stats_.dirty_steps;
+    queue(current_);
+  }
+  current_ = -1;
+  current_writes_ = false;
+  current_step_ = -1;
+}
+
+std::vector<Action> Scheduler::step(int32_t tensor, int write) {
   if (tensor < 0 || size_t(tensor) >= tensors_.size())
     throw std::invalid_argument("step(" + std::to_string(tensor) +
                                 "): not a tensor id (there are " +
                                 std::to_string(tensors_.size()) + ")");
+  if (write > 0 && plan_.input.sizes[tensor] > plan_.input.pinned_bytes)
+    throw CapacityError("step(" + std::to_string(tensor) + ", write): its " +
+                        std::to_string(plan_.input.sizes[tensor]) +
+                        " bytes cannot be written back through the pinned budget of " +
+                        std::to_string(plan_.input.pinned_bytes) +
+                        " bytes; raise pinned_bytes or mark the write in the plan");
   ++stats_.events;
   ++stats_.steps;
   std::vector<Action> out;
+  end_step();
   if (plan_.trace.empty()) return out;
   const int64_t expected = cursor_ + 1;
   int64_t found = -1;
@@ -349,12 +560,52 @@ std::vector<Action> Scheduler::step(int32_t tensor) {
     finished_ = found - 1;  // and so is every step skipped on the way
     read_cursor_ = std::max(read_cursor_, cursor_);
     copy_cursor_ = std::max(copy_cursor_, cursor_);
+    read_high_ = std::max(read_high_, read_cursor_);
+    copy_high_ = std::max(copy_high_, copy_cursor_);
     const Tensor& t = tensors_[tensor];
     if (t.gpu.state == kReady && t.gpu.owner == kCache) ++stats_.gpu_hits;
     if (t.pinned.owner == kCache && t.pinned.state == kReady && t.gpu.owner != kCache)
       ++stats_.pinned_hits;
   }
+  // A dirty GPU copy (or one a copy-back reads) cannot be given back yet and holds the newest
+  // contents: it serves this step, and stays until the step is over. (A clean one of a past
+  // step is given back and fetched again, as the plan has it.)
+  Copy& g = tensors_[tensor].gpu;
+  if (g.state != kNone && (g.dirty || g.busy)) {
+    const int64_t until = found >= 0 ? found : cursor_ + 1;
+    if (g.owner == kCache)
+      last_use_gpu_[tensor] = std::max(last_use_gpu_[tensor], until);
+    else if (g.owner < until)
+      g.owner = found >= 0 ? found : kDemand;
+  }
+  current_ = tensor;
+  current_step_ = found;
+  current_writes_ = write >= 0 ? write != 0 : found >= 0 && writes_[index(found)];
   pump(out);
+  return out;
+}
+
+std::vector<Action> Scheduler::finish() {
+  ++stats_.events;
+  std::vector<Action> out;
+  end_step();
+  demanded_ = -1;
+  finished_ = cursor_;
+  if (!plan_.trace.empty()) pump(out);
+  return out;
+}
+
+std::vector<Action> Scheduler::flush() {
+  std::vector<Action> out = finish();
+  for (size_t x = 0; x < tensors_.size(); ++x) {
+    Tensor& t = tensors_[x];
+    if (!t.flush && (t.gpu.dirty || t.gpu.busy || t.pinned.dirty || t.pinned.busy)) {
+      t.flush = true;
+      ++flush_pending_;
+      queue(int32_t(x));
+    }
+  }
+  if (!plan_.trace.empty()) pump(out);
   return out;
 }
 
@@ -364,14 +615,46 @@ std::vector<Action> Scheduler::done(int64_t action_id) {
                                 "): no such transfer in flight");
   ++stats_.events;
   Pending& p = pending_[action_id];
-  Tensor& t = tensors_[p.tensor];
-  if (p.kind == kRead) {
-    t.pinned.state = kReady;
-  } else if (p.kind == kReadToGpu) {
-    t.gpu.state = kReady;
-  } else {
-    t.gpu.state = kReady;
-    --t.pinned_users;
+  const int32_t x = p.tensor;
+  Tensor& t = tensors_[x];
+  switch (p.kind) {
+    case kRead:
+      t.pinned.state = kReady;
+      break;
+    case kReadToGpu:
+      t.gpu.state = kReady;
+      break;
+    case kCopy:
+      t.gpu.state = kReady;
+      --t.pinned_users;
+      break;
+    case kCopyBack:  // the pinned copy now holds the newest contents
+      t.gpu.busy = false;
+      t.gpu.dirty = false;
+      t.pinned.state = kReady;
+      t.pinned.dirty = true;
+      queue(x);
+      break;
+    case kWrite: {
+      Copy& c = t.pinned;
+      c.busy = false;
+      c.dirty = false;
+      settle_flush(x);
+      // A write buffer that a later step claimed (its copy not issued yet) becomes that step's
+      // read buffer, if the read room allows: else it is given back and read again.
+      const int64_t claim = last_use_pinned_[x];
+      const uint64_t size = plan_.input.sizes[x];
+      if (c.owner == kWriteBack && c.state == kReady && claim >= copy_cursor_ &&
+          used_[kPinnedCache] + used_[kPinnedStream] + size +
+                  std::max(used_[kPinnedWrite] - size, plan_.pinned_write_bytes) <=
+              plan_.input.pinned_bytes) {
+        used_[kPinnedWrite] -= size;
+        used_[kPinnedStream] += size;
+        c.pool = kPinnedStream;
+        c.owner = claim;
+      }
+      break;
+    }
   }
   p.kind = 255;
   std::vector<Action> out;
@@ -380,7 +663,9 @@ std::vector<Action> Scheduler::done(int64_t action_id) {
 }
 
 bool Scheduler::on_gpu(int32_t tensor) const {
-  return tensor >= 0 && size_t(tensor) < tensors_.size() && tensors_[tensor].gpu.state == kReady;
+  if (tensor < 0 || size_t(tensor) >= tensors_.size()) return false;
+  const Copy& g = tensors_[tensor].gpu;
+  return g.state == kReady && !(g.busy && tensor == current_ && current_writes_);
 }
 
 }  // namespace infinity
