@@ -131,7 +131,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("step_end_s", &SimResult::step_end_s)
       .def_readonly("disk_write_bytes", &SimResult::disk_write_bytes)
       .def_readonly("d2h_bytes", &SimResult::d2h_bytes)
-      .def_readonly("d2h_busy_s", &SimResult::d2h_busy_s);
+      .def_readonly("d2h_busy_s", &SimResult::d2h_busy_s)
+      .def_readonly("transfers", &SimResult::transfers);
 
   m.def(
       "simulate",

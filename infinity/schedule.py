@@ -118,6 +118,7 @@ class SimResult:
     disk_write_bytes: int = 0
     d2h_bytes: int = 0
     d2h_busy_s: float = 0.0
+    transfers: int = 0  # transfer actions issued (each one done() event)
 
     @property
     def bound_ratio(self) -> float:
@@ -225,6 +226,7 @@ def simulate(p: Plan) -> SimResult:
         r.disk_write_bytes,
         r.d2h_bytes,
         r.d2h_busy_s,
+        r.transfers,
     )
 
 

@@ -385,6 +385,7 @@ SimResult simulate(const Plan& plan) {
   auto dispatch = [&](const std::vector<Action>& actions, double now) {
     for (const Action& a : actions) {
       const double n = double(a.nbytes);
+      if (a.id >= 0) ++r.transfers;
       if (a.kind == kRead || a.kind == kReadToGpu) {
         const double disk_end = serve(now, disk_free, n / bw.disk_read, r.disk_busy_s);
         if (a.kind == kReadToGpu) {

@@ -76,6 +76,7 @@ struct SimResult {
   std::vector<double> step_end_s;  // when each step's compute ended
   uint64_t disk_write_bytes = 0, d2h_bytes = 0;
   double d2h_busy_s = 0;
+  uint64_t transfers = 0;  // transfer actions issued (each one done() event)
 };
 
 // The lower bound for the plan's trace from the empty state, with the final flush. W: bytes of
