@@ -49,7 +49,7 @@ def main() -> None:
     with open(out, "w") as f:
         json.dump(data, f, indent=2)
     best = data["best_read"]
-    print(f"best read {best['gbps']:.2f} GB/s with {iobench._short(best['config'])}")
+    print(f"best read {best['gbps']:.2f} GB/s with {iobench.short_summary(best['config'])}")
     if gpu:
         ds = [r for r in data["results"] if r["system"] == "deepspeed-gpu"]
         print(

@@ -149,7 +149,7 @@ def bench_io(directory, size_bytes, gpu, quick, full, repeats, json_path) -> Non
             r["op"],
             r["target"],
             r["system"],
-            iobench._short(r["config"]),
+            iobench.short_summary(r["config"]),
             f"{r['gbps']:.2f}",
             f"{r['ratio_to_best_read']:.2f}",
         )

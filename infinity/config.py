@@ -111,7 +111,9 @@ def from_dict(cls, data: dict[str, Any]):
     return cls(**data)
 
 
-def _from_env(name: str, default: Any, kind: type):
+def from_env(name: str, default: Any, kind: type):
+    """A dataclass field whose default is the environment variable ``name`` (parsed as ``kind``)
+    when set, else ``default``: explicit argument > INFINITY_* variable > default."""
     return field(default_factory=lambda: _env(name, default, kind))
 
 
@@ -126,14 +128,14 @@ class AioConfig:
     run at once, each with its own handle.
     """
 
-    block_size_bytes: int = _from_env("INFINITY_AIO_BLOCK_SIZE", 8 * 2**20, int)
-    queue_depth: int = _from_env("INFINITY_AIO_QUEUE_DEPTH", 32, int)
-    intra_op_parallelism: int = _from_env("INFINITY_AIO_INTRA_OP_PARALLELISM", 8, int)
-    single_submit: bool = _from_env("INFINITY_AIO_SINGLE_SUBMIT", False, bool)
-    overlap_events: bool = _from_env("INFINITY_AIO_OVERLAP_EVENTS", True, bool)
-    bounce_buffer_bytes: int = _from_env("INFINITY_AIO_BOUNCE_BUFFER", 64 * 2**20, int)
-    lanes: int = _from_env("INFINITY_AIO_LANES", 2, int)
-    use_gds: bool = _from_env("INFINITY_AIO_USE_GDS", False, bool)
+    block_size_bytes: int = from_env("INFINITY_AIO_BLOCK_SIZE", 8 * 2**20, int)
+    queue_depth: int = from_env("INFINITY_AIO_QUEUE_DEPTH", 32, int)
+    intra_op_parallelism: int = from_env("INFINITY_AIO_INTRA_OP_PARALLELISM", 8, int)
+    single_submit: bool = from_env("INFINITY_AIO_SINGLE_SUBMIT", False, bool)
+    overlap_events: bool = from_env("INFINITY_AIO_OVERLAP_EVENTS", True, bool)
+    bounce_buffer_bytes: int = from_env("INFINITY_AIO_BOUNCE_BUFFER", 64 * 2**20, int)
+    lanes: int = from_env("INFINITY_AIO_LANES", 2, int)
+    use_gds: bool = from_env("INFINITY_AIO_USE_GDS", False, bool)
 
     def __post_init__(self) -> None:
         for name in ("block_size_bytes", "bounce_buffer_bytes"):
@@ -198,3 +200,24 @@ class AioConfig:
             "overlap_events": self.overlap_events,
             "use_gds": self.use_gds,
         }
+
+
+def parse_device(device):
+    """``device`` as a torch.device that exists here: "cpu", "cuda" (the current one) or
+    "cuda:N"; ConfigError naming what is wrong otherwise."""
+    import torch  # not at import time: `import infinity` must not load torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{device!r} is not a device: use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ConfigError(f"device {device!r} is not supported: use 'cpu', 'cuda' or 'cuda:N'")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked, but torch sees no CUDA device")
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA devices")
+    return torch.device("cuda", index)

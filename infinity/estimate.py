@@ -55,8 +55,8 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
-from infinity._files import load_json
 from infinity.errors import ConfigError
+from infinity.files import load_json
 
 BYTES_PER_PARAM = {"weights": 2, "gradients": 2, "optimizer": 12}  # mixed-precision Adam
 DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}

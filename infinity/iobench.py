@@ -370,6 +370,3 @@ def short_summary(cfg: dict[str, Any]) -> str:
             f"p={cfg['intra_op_parallelism']} ss={int(cfg['single_submit'])}"
         )
     return " ".join(f"{k}={_compact(v) if isinstance(v, int) else v}" for k, v in cfg.items())
-
-
-_short = short_summary  # the old private name, until the CLI and bench/io.py switch

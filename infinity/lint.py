@@ -54,9 +54,9 @@ import os
 import typing
 from dataclasses import asdict, dataclass
 
-from infinity._files import decode_text, read_regular
 from infinity.errors import ConfigError
 from infinity.estimate import ModelSpec
+from infinity.files import decode_text, read_regular
 from infinity.io.fsinfo import MEMORY_FS, mount_of
 
 BUCKET_WARN_ELEMENTS = 1_000_000_000

@@ -12,8 +12,8 @@ import sys
 import pytest
 from safetensors.torch import save_file
 
-from infinity._files import MAX_CONFIG_BYTES
 from infinity.cli import run
+from infinity.files import MAX_CONFIG_BYTES
 
 SHAPES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 256}
 LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_attention_heads": 4}
@@ -62,7 +62,7 @@ def special(tmp_path, kind: str) -> str:
 
 
 EXPECT = {
-    "fifo": "is a FIFO, not a regular file",
+    "fifo": "is a FIFO (named pipe), not a regular file",
     "dev-zero": "is a character device, not a regular file",
     "big": "is over 67,108,864 bytes (64 MiB)",
 }
@@ -145,7 +145,7 @@ def checkpoint_dir(tmp_path, config: dict | None = None) -> str:
 @pytest.mark.parametrize(
     "config, message",
     [
-        (None, "config.json is a FIFO, not a regular file"),
+        (None, "config.json is a FIFO (named pipe), not a regular file"),
         ({**LLAMA, "num_hidden_layers": 10**9}, "num_hidden_layers = 1000000000 is not a whole"),
         ({**LLAMA, "num_hidden_layers": 1e5}, "num_hidden_layers = 100000.0 is not a whole"),
     ],

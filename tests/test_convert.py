@@ -315,7 +315,10 @@ def test_links_that_leave_the_checkpoint_are_refused(tmp_path_factory, tmp_path)
             run_convert(hf_dir, store_dir)
         os.remove(hf_dir / name)
         os.replace(tmp_path / name, hf_dir / name)
-    for kind, make, remove in (("FIFO", os.mkfifo, os.remove), ("directory", os.mkdir, os.rmdir)):
+    for kind, make, remove in (
+        ("FIFO \\(named pipe\\)", os.mkfifo, os.remove),
+        ("directory", os.mkdir, os.rmdir),
+    ):
         os.replace(hf_dir / "tokenizer.json", tmp_path / "tokenizer.json")
         make(hf_dir / "tokenizer.json")
         with pytest.raises(ConfigError, match=f"tokenizer.json is a {kind}, not a regular file"):

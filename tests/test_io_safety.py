@@ -172,19 +172,27 @@ def test_bench_size_beyond_memory(disk_dir, monkeypatch):
 
 
 # -- public seams -------------------------------------------------------------------------------
-def test_other_packages_use_io_public_names():
-    import infinity.io as io
+def test_packages_use_each_others_public_names():
+    """No module reaches into another package's private (``_``) modules (issue 13)."""
+    import ast
+
+    import infinity
     from infinity import iobench
 
-    assert {"release_blocks", "load_aio", "load_gds", "deepspeed_version"} <= set(io.__all__)
     cfg = {"block_size": 8 << 20, "queue_depth": 32, "intra_op_parallelism": 8}
     assert iobench.short_summary(cfg | {"single_submit": False}) == "bs=8M qd=32 p=8 ss=0"
-    assert iobench._short is iobench.short_summary  # until the CLI switches
-    package = Path(io.__file__).resolve().parent.parent
-    pending = {"store/store.py"}  # its owner switches to `from infinity.io import release_blocks`
-    reaching = {
-        str(p.relative_to(package))
-        for p in package.rglob("*.py")
-        if p.relative_to(package).parts[0] != "io" and "infinity.io._" in p.read_text()
-    }
-    assert reaching <= pending, f"private io modules imported from {sorted(reaching - pending)}"
+    root = Path(infinity.__file__).resolve().parent
+    reaching = []
+    for path in root.rglob("*.py"):
+        own = path.relative_to(root).parts[:-1]  # the package the module is in
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                parts = name.split(".")[1:]  # below infinity
+                private = [i for i, part in enumerate(parts) if part.startswith("_")]
+                if name.startswith("infinity.") and private and parts[: private[0]] != list(own):
+                    if parts != ["_core"]:  # the C++ core's loader, the package root's
+                        reaching.append(f"{path.relative_to(root)} imports {name}")
+    assert reaching == []

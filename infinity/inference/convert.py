@@ -37,10 +37,10 @@ from dataclasses import dataclass
 
 import torch
 
-from infinity._files import load_json, open_regular
 from infinity.config import ALIGNMENT_BYTES
 from infinity.errors import CapacityError, ConfigError
 from infinity.estimate import check_model_config
+from infinity.files import load_json, open_config
 from infinity.inference.layout import (
     LAYOUT_FILE,
     ModelLayout,
@@ -266,7 +266,7 @@ def _checkpoint(hf_dir: str) -> tuple[list[str], dict]:
         )
     real = {n: _member(hf_dir, n) for n in [*fingerprinted, *(c for c in COPIED if c in names)]}
     for path in real.values():  # regular files, or refused before anything is written
-        os.close(open_regular(path, "checkpoint file", follow=False))
+        os.close(open_config(path, "checkpoint file", follow=False))
     stats = {n: os.stat(real[n]) for n in fingerprinted}
     source = {
         "dir": hf_dir,
@@ -461,7 +461,7 @@ def _copy_metadata(hf_dir: str, store_dir: str) -> None:
     for name in COPIED:
         if not os.path.lexists(os.path.join(hf_dir, name)):
             continue
-        fd = open_regular(_member(hf_dir, name), name, follow=False)
+        fd = open_config(_member(hf_dir, name), name, follow=False)
         tmp = os.path.join(store_dir, name + ".tmp")
         with os.fdopen(fd, "rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst)

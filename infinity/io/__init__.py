@@ -5,12 +5,16 @@ Other packages use the names below, never the private modules (``_transfer``, ``
 
 from infinity.io._deepspeed import deepspeed_version, load_aio, load_gds
 from infinity.io._transfer import release_blocks
-from infinity.io.aio import AioEngine
+from infinity.io.aio import AioEngine, bounce_bytes
+from infinity.io.copy import copy, copy_stream
 from infinity.io.pinned import PinnedPool
 
 __all__ = [
     "AioEngine",
     "PinnedPool",
+    "bounce_bytes",
+    "copy",
+    "copy_stream",
     "deepspeed_version",
     "load_aio",
     "load_gds",

@@ -5,14 +5,14 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import stat
-from contextlib import contextmanager
 
 import torch
 
 from infinity.config import ALIGNMENT_BYTES as A
 from infinity.config import format_size
 from infinity.errors import StorageIOError
+from infinity.files import NotRegularFileError, open_regular
+from infinity.io.copy import copy
 from infinity.io.fsinfo import mount_of
 
 
@@ -24,52 +24,23 @@ def _up(x: int) -> int:
     return -(-x // A) * A
 
 
-_NOT_REGULAR = (  # (test, what it is, errno) for the paths infinity refuses to open
-    (stat.S_ISLNK, "a symbolic link", errno.ELOOP),
-    (stat.S_ISDIR, "a directory", errno.EISDIR),
-    (stat.S_ISFIFO, "a FIFO (named pipe)", errno.EINVAL),
-    (stat.S_ISCHR, "a character device", errno.EINVAL),
-    (stat.S_ISBLK, "a block device", errno.EINVAL),
-    (stat.S_ISSOCK, "a socket", errno.EINVAL),
-)
-
-
-def _refuse(path: str, file_offset: int, nbytes: int, verb: str, mode: int) -> None:
-    """Raise StorageIOError saying what ``path`` is, unless ``mode`` is a regular file's."""
-    if stat.S_ISREG(mode):
-        return
-    what, err = next(((w, e) for test, w, e in _NOT_REGULAR if test(mode)), ("special", 0))
-    if err == errno.ELOOP:
-        detail = "the path is a symbolic link; infinity opens data files without following links"
-        fix = "put the file itself at this path"
-    else:
-        detail = f"the path is {what}, not a regular file"
-        fix = "fix the path or move what is there out of the way"
-    raise StorageIOError(
-        path, file_offset, nbytes, err or errno.EINVAL, f"cannot open for {verb}: {detail} ({fix})"
-    )
-
-
-def open_regular(path: str, flags: int, file_offset: int, nbytes: int, verb: str) -> int:
-    """``os.open`` that never follows a symbolic link at ``path`` and returns only a regular
-    file: O_NOFOLLOW, O_NONBLOCK so that a FIFO cannot hang the open, then fstat. Anything else
-    (link, directory, FIFO, device, socket) is a StorageIOError that says what it is."""
+def open_data_file(path: str, flags: int, file_offset: int, nbytes: int, verb: str) -> int:
+    """``files.open_regular`` of a data file (no link followed, regular files only), with what
+    is at ``path`` otherwise said in a StorageIOError."""
     try:
-        fd = os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):  # ENXIO: a socket
-            try:
-                _refuse(path, file_offset, nbytes, verb, os.lstat(path).st_mode)
-            except FileNotFoundError:
-                pass
-        raise
-    try:
-        _refuse(path, file_offset, nbytes, verb, os.fstat(fd).st_mode)
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+        return open_regular(path, flags)
+    except NotRegularFileError as exc:
+        if exc.errno == errno.ELOOP:
+            detail = (
+                "the path is a symbolic link; infinity opens data files without following links"
+            )
+            fix = "put the file itself at this path"
+        else:
+            detail = f"the path is {exc.kind}, not a regular file"
+            fix = "fix the path or move what is there out of the way"
+        raise StorageIOError(
+            path, file_offset, nbytes, exc.errno, f"cannot open for {verb}: {detail} ({fix})"
+        ) from None
 
 
 def _open(engine, req, write: bool) -> int:
@@ -80,7 +51,7 @@ def _open(engine, req, write: bool) -> int:
         # Our open is the check: DeepSpeed's handle re-opens the file by path itself after it,
         # for each op (O_DIRECT, following links), so a path swapped for a link in between is
         # not caught. The store's directory is its own; this keeps out links left in it.
-        fd = open_regular(req.path, flags, req.file_offset, n, verb)
+        fd = open_data_file(req.path, flags, req.file_offset, n, verb)
     except StorageIOError:
         raise
     except OSError as exc:
@@ -123,22 +94,13 @@ class _Pipe:
             self.events[k % 2].synchronize()  # the copy that last used this half is done
         return self.lane.halves[k % 2][:nbytes]
 
-    @contextmanager
-    def copying(self, k: int):
-        if not self.gpu:
-            yield
-            return
-        with torch.cuda.stream(self.stream):
-            yield
-            event = self.events[k % 2] or torch.cuda.Event()
-            event.record(self.stream)
-            self.events[k % 2] = event
-
     def copy(self, dst: torch.Tensor, src: torch.Tensor, k: int, wait: bool = False) -> None:
-        with self.copying(k):
-            dst.copy_(src, non_blocking=self.gpu)
-        if wait and self.gpu:
-            self.events[k % 2].synchronize()
+        """io.copy on the lane's stream (CPU: done on return); half k % 2 is busy until then."""
+        event = copy(dst, src, self.stream if self.gpu else None)
+        if self.gpu:
+            self.events[k % 2] = event
+            if wait:
+                event.synchronize()
 
     def finish(self) -> None:
         if self.gpu:
@@ -225,7 +187,7 @@ def release_blocks(path: str, file_offset: int, nbytes: int) -> None:
     """Give back the disk blocks of ``[file_offset, file_offset + nbytes)`` (a hole; the file
     keeps its size). For data written by an operation that then failed, such as a put that ran
     out of space halfway."""
-    fd = open_regular(path, os.O_WRONLY, file_offset, nbytes, "releasing blocks")
+    fd = open_data_file(path, os.O_WRONLY, file_offset, nbytes, "releasing blocks")
     try:
         _release_beyond(fd, file_offset, file_offset + nbytes)
     finally:

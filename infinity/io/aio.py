@@ -83,6 +83,12 @@ class _Request:
     ready: object | None  # torch.cuda.Event recorded on the caller's stream
 
 
+def bounce_bytes(config: AioConfig) -> int:
+    """Pinned bytes an AioEngine with ``config`` takes from its pool (two bounce halves a lane):
+    what a shared pool must hold on top of its other users' needs."""
+    return 2 * config.lanes * config.bounce_chunk_bytes
+
+
 class _Lane:
     """One worker's handles, bounce buffers and CUDA streams.
 
@@ -103,7 +109,7 @@ class _Lane:
         self.main = self.slots[0][0]
         self.unit = cfg.chunk_unit_bytes
         self.chunk = cfg.bounce_chunk_bytes
-        self.halves = [engine._pool.alloc(self.chunk), engine._pool.alloc(self.chunk)]
+        self.halves = engine._halves.pop()
         self.pending: list[dict[object, int]] = [{}, {}]
         self.streams: dict[int, tuple[torch.cuda.Stream, list]] = {}
 
@@ -168,9 +174,14 @@ class AioEngine:
         load_aio()  # fail here, with the fix, rather than inside a worker
         if self.config.use_gds:
             log.warning("AioConfig.use_gds: the GDS path is not implemented yet; using libaio")
-        need = 2 * self.config.lanes * self.config.bounce_chunk_bytes
         self._own_pool = pool is None
-        self._pool = pool if pool is not None else PinnedPool(need)
+        self._pool = pool if pool is not None else PinnedPool(bounce_bytes(self.config))
+        # every lane's bounce halves, carved now: from a shared pool, before its other users
+        # fragment it (lanes are made lazily, one per worker thread, as requests come)
+        chunk = self.config.bounce_chunk_bytes
+        self._halves = [
+            [self._pool.alloc(chunk), self._pool.alloc(chunk)] for _ in range(self.config.lanes)
+        ]
         self._local = threading.local()
         self._lanes: list[_Lane] = []
         self._lanes_lock = threading.Lock()
@@ -199,10 +210,11 @@ class AioEngine:
             return
         self._closed = True
         self._executor.shutdown(wait=True)
-        for lane in self._lanes:
-            for half in lane.halves:
+        for halves in self._halves + [lane.halves for lane in self._lanes]:
+            for half in halves:
                 self._pool.free(half)
         self._lanes.clear()
+        self._halves.clear()
         if self._own_pool:
             self._pool.close()
 

@@ -8,8 +8,6 @@ import fcntl
 import os
 import stat
 
-import torch
-
 from infinity.errors import ConfigError, InfinityError, StorageIOError
 from infinity.io.fsinfo import MEMORY_FS, mount_of
 from infinity.store import manifest as mf
@@ -18,23 +16,6 @@ from infinity.store._files import open_regular, read_file
 
 class StoreLockedError(InfinityError):
     """Another process has the store open for writing."""
-
-
-def parse_device(device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"{device!r} is not a device: use 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type != "cuda":
-        raise ConfigError(f"device {device!r} is not supported: use 'cpu', 'cuda' or 'cuda:N'")
-    if not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} asked, but torch sees no CUDA device")
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
-    if index >= torch.cuda.device_count():
-        raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA devices")
-    return torch.device("cuda", index)
 
 
 def check_key(key) -> None:

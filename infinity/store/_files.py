@@ -4,59 +4,28 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 
+from infinity import files
 from infinity.errors import ConfigError, IntegrityError, StorageIOError
 
 MAX_METADATA_BYTES = 1 << 30  # a manifest of millions of keys is well below this
 
 
 def open_regular(path: str, flags: int, mode: int = 0o644) -> int:
-    """``os.open`` of a store file that refuses anything but a regular file: a symbolic link is
-    not followed (it could point anywhere: writes would land in its target), and a FIFO or a
-    device is refused before it is read (a FIFO would block forever, /dev/zero never ends)."""
+    """``files.open_regular`` of a store file, as a StorageIOError: a symbolic link is not
+    followed (it could point anywhere: writes would land in its target), and a FIFO or a device
+    is refused before it is read (a FIFO would block forever, /dev/zero never ends)."""
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+        return files.open_regular(path, flags, mode)
+    except files.NotRegularFileError as exc:
+        raise StorageIOError(
+            path, 0, 0, exc.errno,
+            "is a symbolic link; a store opens its own files only, without following links: "
+            "replace the link with the file itself" if exc.errno == errno.ELOOP
+            else f"is {exc.kind}; a store holds regular files only: move it away",
+        ) from None  # fmt: skip
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise StorageIOError(
-                path,
-                0,
-                0,
-                exc.errno,
-                "is a symbolic link; a store opens its own files only, "
-                "without following links: replace the link with the file itself",
-            ) from None
         raise StorageIOError(path, 0, 0, exc.errno or 0, f"cannot open: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise StorageIOError(
-                path,
-                0,
-                0,
-                errno.EINVAL,
-                f"is {_kind(st.st_mode)}, not a regular file; a store "
-                "holds regular files only: move it away",
-            )
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _kind(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return name
-    return "not a regular file"
 
 
 def read_file(path: str, missing_ok: bool = False) -> bytes | None:

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from infinity.config import AioConfig, _from_env, from_dict, parse_size
+from infinity.config import AioConfig, from_dict, from_env, parse_size
 from infinity.errors import ConfigError
 
 
@@ -27,10 +27,10 @@ class StoreConfig:
     over all paths; ``io_threads`` runs prefetches.
     """
 
-    gpu_bytes: int = _from_env("INFINITY_GPU_BYTES", 0, int)
-    pinned_bytes: int = _from_env("INFINITY_PINNED_BYTES", 256 << 20, int)
+    gpu_bytes: int = from_env("INFINITY_GPU_BYTES", 0, int)
+    pinned_bytes: int = from_env("INFINITY_PINNED_BYTES", 256 << 20, int)
     aio: AioConfig = field(default_factory=lambda: _store_aio())
-    verify_checksums: bool = _from_env("INFINITY_VERIFY_CHECKSUMS", True, bool)
+    verify_checksums: bool = from_env("INFINITY_VERIFY_CHECKSUMS", True, bool)
     stripe_min_bytes: int = 4 << 20
     io_threads: int = 4
 

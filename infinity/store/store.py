@@ -25,7 +25,7 @@ from functools import partial
 
 import torch
 
-from infinity.config import format_size
+from infinity.config import format_size, parse_device
 from infinity.errors import (
     CapacityError,
     ConfigError,
@@ -33,7 +33,7 @@ from infinity.errors import (
     IntegrityError,
     StorageIOError,
 )
-from infinity.io import AioEngine, release_blocks
+from infinity.io import AioEngine, copy, copy_stream, release_blocks
 from infinity.io.aio import byte_view
 from infinity.store import manifest as mf
 from infinity.store._checks import (
@@ -41,7 +41,6 @@ from infinity.store._checks import (
     check_distinct,
     check_key,
     check_path_arg,
-    parse_device,
     release_lock,
     take_lock,
     writer_alive,
@@ -86,10 +85,15 @@ class TieredStore:
     """See the module docstring. Open with ``TieredStore.open(path_or_paths, StoreConfig(...))``."""
 
     @classmethod
-    def open(cls, paths, config: StoreConfig | None = None, *, readonly: bool = False):
-        return cls(paths, config or StoreConfig(), readonly=readonly)
+    def open(
+        cls, paths, config: StoreConfig | None = None, *, readonly: bool = False, pool=None
+    ) -> TieredStore:
+        """``pool``: the process's PinnedPool to take the aio engine's bounce buffers and the
+        pinned tier from (it must hold ``io.bounce_bytes(config.aio)`` + ``pinned_bytes``;
+        the caller closes it after the store); None: the store makes its own."""
+        return cls(paths, config or StoreConfig(), readonly=readonly, pool=pool)
 
-    def __init__(self, paths, config: StoreConfig, readonly: bool = False):
+    def __init__(self, paths, config: StoreConfig, readonly: bool = False, pool=None):
         if isinstance(paths, str | os.PathLike | bytes) or not isinstance(paths, Iterable):
             paths = [paths]
         self.paths = [check_path_arg(p) for p in paths]
@@ -110,8 +114,8 @@ class TieredStore:
             self._lock_fd = take_lock(self.paths[0])
         try:
             self._load()
-            self._engine = AioEngine(config.aio)
-            self.cpu = PinnedTier(config.pinned_bytes, self._lock)
+            self._engine = AioEngine(config.aio, pool=pool)
+            self.cpu = PinnedTier(config.pinned_bytes, self._lock, pool)
             self.gpu = GpuTier(config.gpu_bytes, self._lock)
             self._executor = ThreadPoolExecutor(
                 config.io_threads, thread_name_prefix="infinity-store"
@@ -469,12 +473,6 @@ class TieredStore:
         e = self._entry(key)
         return EntryInfo(e.key, e.dtype, e.shape, e.nbytes, e.tiers, e.checksum, e.version)
 
-    def set_residency(self, cpu: Iterable[str] = (), gpu: Iterable[str] = ()) -> None:
-        """Hold these keys in the tiers (a scheduler's plan): the replacement policy never drops
-        them. Loading them is up to ``prefetch``."""
-        with self._lock:
-            self.cpu.held, self.gpu.held = set(cpu), set(gpu)
-
     def flush(self) -> None:
         """Everything put so far is durable on NVMe when this returns."""
         self._writable()
@@ -825,12 +823,11 @@ class TieredStore:
             if admit:
                 self.gpu.make_room(entry)
         if source is not None:  # a put with tier="gpu": keep our own copy
-            stream = self.gpu.stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                out = byte_view(source.contiguous()).clone()
-                ready = torch.cuda.Event()
-                ready.record(stream)
+            src = byte_view(source.contiguous())
+            with torch.cuda.stream(copy_stream(device)):
+                out = torch.empty_like(src, device=device)
+            after = torch.cuda.current_stream(device).record_event()
+            ready = copy(out, src, after=after)
         else:
             out, ready = self._host_to_gpu(entry, device)
         self._stats.h2d_bytes += entry.nbytes
@@ -844,21 +841,18 @@ class TieredStore:
         """NVMe -> pinned tier -> GPU, each piece copied up as soon as it is read and hashed (the
         copy overlaps the reads of later pieces); a pinned hit is one copy; pageable if the
         pinned tier cannot fit the tensor."""
-        stream = self.gpu.stream(device)
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(copy_stream(device)):
             out = torch.empty(entry.nbytes, dtype=torch.uint8, device=device)
-        done = torch.cuda.Event()
+        done = [torch.cuda.Event()]  # never recorded (no bytes): waiting on it is a no-op
 
         def upload(at: int, piece: torch.Tensor) -> None:
-            with torch.cuda.stream(stream):
-                out[at : at + piece.numel()].copy_(piece, non_blocking=True)
-                done.record(stream)
-            done.synchronize()  # before the pinned view can be handed to anyone else
+            done[0] = copy(out[at : at + piece.numel()], piece)
+            done[0].synchronize()  # before the pinned view can be handed to anyone else
 
         def via_pageable():  # the pinned tier cannot hold it (now): read without the tier
             staging = torch.empty(entry.nbytes, dtype=torch.uint8)
             self._load_bytes(entry, staging)
-            return copy_to_gpu(self.gpu, staging, device, out=out)
+            return copy_to_gpu(staging, device, out=out)
 
         try:
             loaded = self._ensure_cpu(entry, also=upload)
@@ -866,16 +860,14 @@ class TieredStore:
             return via_pageable()
         if loaded:
             out.record_stream(torch.cuda.current_stream(device))
-            return out, done
+            return out, done[0]
         with self._lock:
             view = entry.cpu
             if view is not None:
                 entry.busy += 1
         if view is None:  # dropped again already
             return via_pageable()
-        return copy_to_gpu(
-            self.gpu, view, device, after=lambda: self._release_reader(entry), out=out
-        )
+        return copy_to_gpu(view, device, after=lambda: self._release_reader(entry), out=out)
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:

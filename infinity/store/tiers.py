@@ -1,7 +1,9 @@
-"""The two memory tiers above NVMe: pinned CPU (one PinnedPool) and GPU (a byte budget).
+"""The store's two memory tiers above NVMe: pinned CPU and GPU, byte budgets, an opt-in cache
+for direct users of TieredStore (get/put/prefetch). Streamed models and training do not use
+them: the runtime executor owns residency there, from a plan.
 
-Replacement policy until a scheduler's residency plan is given: when a tier is full, drop the copy
-used most recently (MRU) among those nobody is reading and the plan does not hold. Under a cyclic
+Replacement policy: when a tier is full, drop the copy used most recently (MRU) among those
+nobody is reading. Under a cyclic
 scan larger than the tier (a forward pass, an optimizer step) MRU keeps a fixed subset resident,
 so each pass hits about capacity / working set, where LRU (the page cache) hits about 0%.
 The NVMe copy is never dropped: both tiers hold clean copies only (puts write through).
@@ -17,7 +19,7 @@ import torch
 
 from infinity.config import format_size
 from infinity.errors import CapacityError
-from infinity.io import PinnedPool
+from infinity.io import PinnedPool, copy, copy_stream
 from infinity.store.manifest import Entry
 
 _clock = itertools.count(1)
@@ -28,7 +30,7 @@ def touch(entry: Entry, tier: str) -> None:
 
 
 class Tier:
-    """Bookkeeping shared by both tiers: members, plan-held keys, MRU victims."""
+    """Bookkeeping shared by both tiers: members, MRU victims."""
 
     name = ""
 
@@ -36,14 +38,13 @@ class Tier:
         self.budget_bytes = budget_bytes
         self.used_bytes = 0
         self.members: dict[str, Entry] = {}
-        self.held: set[str] = set()  # keys the residency plan keeps here
         self.lock = lock  # the store's lock
 
     def victims(self, protect: Entry) -> list[Entry]:
         candidates = [
             e
             for k, e in self.members.items()
-            if e is not protect and k not in self.held and not (self.name == "cpu" and e.busy)
+            if e is not protect and not (self.name == "cpu" and e.busy)
         ]
         return sorted(candidates, key=lambda e: e.last_used.get(self.name, 0), reverse=True)
 
@@ -73,21 +74,26 @@ class Tier:
 class PinnedTier(Tier):
     name = "cpu"
 
-    def __init__(self, budget_bytes: int, lock: threading.RLock):
+    def __init__(self, budget_bytes: int, lock: threading.RLock, pool: PinnedPool | None = None):
         super().__init__(budget_bytes, lock)
-        self.pool = PinnedPool(budget_bytes) if budget_bytes else None
+        self._own_pool = pool is None
+        self.pool = pool if pool is not None else PinnedPool(budget_bytes) if budget_bytes else None
         self.changed = threading.Condition(lock)  # a load finished or a reader let go
         self.inflight = 0  # loads holding a view that is not admitted yet
+        self.inflight_bytes = 0
 
     def allocate(self, entry: Entry) -> torch.Tensor:
         """A pinned view for ``entry`` (caller holds the lock), dropping MRU copies as needed;
         waits for loads and readers in flight before giving up."""
-        if self.pool is None or entry.nbytes > self.budget_bytes:
+        if self.pool is None or not self.budget_bytes or entry.nbytes > self.budget_bytes:
             raise self.full_error(entry, "too large for the tier")
         while True:
             try:
+                if self.used_bytes + self.inflight_bytes + entry.nbytes > self.budget_bytes:
+                    raise CapacityError("over the tier's budget")  # (a shared pool has room)
                 view = self.pool.alloc(entry.nbytes)
                 self.inflight += 1
+                self.inflight_bytes += entry.nbytes
                 return view
             except CapacityError:
                 victims = self.victims(entry)
@@ -101,6 +107,7 @@ class PinnedTier(Tier):
     def settle(self, entry: Entry, view: torch.Tensor, admit: bool) -> None:
         """End of a load (caller holds the lock): admit the view or give it back."""
         self.inflight -= 1
+        self.inflight_bytes -= entry.nbytes
         if admit:
             self.admit(entry, view)
         else:
@@ -121,21 +128,12 @@ class PinnedTier(Tier):
     def close(self) -> None:
         for entry in list(self.members.values()):
             self.drop(entry)
-        if self.pool is not None:
+        if self.pool is not None and self._own_pool:
             self.pool.close()
 
 
 class GpuTier(Tier):
     name = "gpu"
-
-    def __init__(self, budget_bytes: int, lock: threading.RLock):
-        super().__init__(budget_bytes, lock)
-        self._stream: dict[int, torch.cuda.Stream] = {}
-
-    def stream(self, device: torch.device) -> torch.cuda.Stream:
-        if device.index not in self._stream:
-            self._stream[device.index] = torch.cuda.Stream(device)
-        return self._stream[device.index]
 
     def make_room(self, entry: Entry) -> None:
         if entry.nbytes > self.budget_bytes:
@@ -162,23 +160,19 @@ class GpuTier(Tier):
 
 
 def copy_to_gpu(
-    tier: GpuTier,
     host: torch.Tensor,
     device: torch.device,
     after: Callable[[], None] | None = None,
     out: torch.Tensor | None = None,
 ):
-    """Copy a uint8 host buffer to a GPU tensor (``out``, or a new one) on the tier's copy
-    stream; asynchronous when ``host`` is pinned.
+    """Copy a uint8 host buffer to a GPU tensor (``out``, or a new one) with io.copy (the
+    device's h2d copy stream); asynchronous when ``host`` is pinned.
 
     Returns (tensor, event). ``after`` runs once the copy has finished reading ``host``."""
-    stream = tier.stream(device)
-    with torch.cuda.stream(stream):
-        if out is None:
+    if out is None:
+        with torch.cuda.stream(copy_stream(device)):
             out = torch.empty(host.numel(), dtype=torch.uint8, device=device)
-        out.copy_(host, non_blocking=host.is_pinned())
-        event = torch.cuda.Event()
-        event.record(stream)
+    event = copy(out, host)
     # the caller's stream will use `out`: tell the caching allocator
     out.record_stream(torch.cuda.current_stream(device))
     if after is not None:
