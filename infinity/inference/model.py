@@ -20,13 +20,14 @@ import os
 import psutil
 import torch
 
-from infinity.config import ALIGNMENT_BYTES, format_size, parse_size
+from infinity.config import format_size, parse_device, parse_size
 from infinity.errors import ConfigError
 from infinity.inference.layout import ModelLayout, build_meta_model, find_layers
-from infinity.inference.stream import Piece, Slot, Streamer, StreamUnit, bind, unbind
+from infinity.inference.stream import Slot, Streamer, StreamUnit, bind, unbind
+from infinity.io import PinnedPool, bounce_bytes
+from infinity.runtime import Executor, pack
 from infinity.schedule import Bandwidths, plan, simulate
 from infinity.store import StoreConfig, TieredStore
-from infinity.store._checks import parse_device
 
 log = logging.getLogger(__name__)
 GRANULARITIES = ("layer", "matrix")
@@ -77,11 +78,14 @@ def load(
     total = sum(u.nbytes for u in units)
     gpu_budget, pinned_budget = _budgets(dev, gpu_bytes, pinned_bytes, total)
 
-    store = TieredStore.open(
-        layout.store_paths,
-        _store_config(verify_checksums, aio),  # no pinned tier: the executor owns its buffers
-        readonly=True,
-    )
+    config = _store_config(verify_checksums, aio)  # no pinned tier: the executor's buffers
+    # the process's one pinned pool: the executor's units and the aio engine's bounce buffers
+    pool = PinnedPool(pinned_budget + bounce_bytes(config.aio))
+    try:
+        store = TieredStore.open(layout.store_paths, config, readonly=True, pool=pool)
+    except BaseException:
+        pool.close()
+        raise
     try:
         fixed, streamed = _place(units, gpu_budget)
         _bind_fixed(store, fixed, dev, dtype)
@@ -89,10 +93,14 @@ def load(
         if warm_up if warm_up is not None else dev.type == "cuda":
             _warm_up(model, streamed, dev, dtype)
         p = _plan(streamed, left, pinned_budget, bandwidths)
-        streamer = Streamer(store, streamed, p, dev, dtype, pinned_budget)
+        executor = Executor(
+            store, [u.unit for u in streamed], p, dev, pool if pinned_budget else None
+        )
+        streamer = Streamer(executor, streamed, dtype, store, pool)
         streamer.start_with(model)
     except BaseException:
         store.close()
+        pool.close()
         raise
     log.info(
         "%s: %d units on %s, %d streamed (%s); %s",
@@ -161,18 +169,9 @@ def _units(model, layout: ModelLayout, granularity: str) -> list[StreamUnit]:
         slots = groups[name]
         keys = [s.record.key for s in slots]
         keys += [s.record.scale_key for s in slots if s.record.scale_key is not None]
-        pieces, offset = [], 0
-        for key in dict.fromkeys(keys):  # tied weights: once
-            pieces.append(Piece(records[key], offset))
-            offset += _aligned(records[key].nbytes)
-        units.append(
-            StreamUnit(name, model.get_submodule(name), slots, pieces, offset, layer_of(name))
-        )
+        unit = pack(name, [(k, getattr(torch, records[k].dtype), records[k].shape) for k in keys])
+        units.append(StreamUnit(unit, model.get_submodule(name), slots, layer_of(name)))
     return units
-
-
-def _aligned(nbytes: int) -> int:
-    return -(-nbytes // ALIGNMENT_BYTES) * ALIGNMENT_BYTES
 
 
 def _budgets(dev, gpu_bytes, pinned_bytes, total: int) -> tuple[int, int]:

@@ -1,0 +1,296 @@
+"""Executor: runs a plan (schedule.py) over units, the one owner of what is resident where.
+
+Call order, per pass of a driver (inference hooks, the optimizer, training streaming):
+1. ``acquire(i)`` when unit ``i`` is about to be used: it tells the scheduler "step i" and runs
+   the actions it returns, then waits until the scheduler says ``i`` is on the device (a
+   condition variable, notified by the transfers' completion callbacks, which report
+   ``done(id)`` and run the next actions; no Python loop polls). It makes the caller's stream
+   wait on the unit's copy event and returns the unit's tensors, views of one device buffer.
+2. ``release(i, dirty=...)`` when the driver is done with them: clean, or dirty (the driver
+   wrote new contents into the views; the plan must have marked that step as writing). The
+   scheduler then copies a dirty unit back (COPY_BACK: device -> a pinned buffer, on the d2h
+   copy stream, after the caller's stream) and writes it (WRITE: ``store.pwrite``, in place)
+   unless the plan keeps it pinned, where it stays dirty until ``flush``.
+3. ``flush()``: every dirty unit reaches NVMe and the store commits.
+
+Actions: READ -> ``store.pread(keys, views)`` (aio, disk -> the unit's pinned buffer,
+checksummed); COPY -> one host->device copy of the whole buffer (runtime.copy on the h2d copy
+stream; a copy thread waits for its event); READ_TO_GPU (no pinned budget) -> ``store.get(key,
+device)``; COPY_BACK / WRITE as above; FREE_PINNED -> the pinned buffer back to the pool;
+FREE_GPU -> drop our reference (the caching allocator reuses the memory once the compute stream
+is past it: ``record_stream`` at acquire). The pinned buffers come from the process's one
+PinnedPool, passed in by whoever built the store; the executor knows nothing of models.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
+
+import torch
+
+from infinity.errors import CapacityError, ConfigError, InfinityError
+from infinity.io import PinnedPool, copy, copy_stream
+from infinity.runtime.units import Unit
+from infinity.schedule import (
+    COPY,
+    COPY_BACK,
+    FREE_GPU,
+    FREE_PINNED,
+    READ,
+    READ_TO_GPU,
+    WRITE,
+    Plan,
+    Scheduler,
+)
+
+log = logging.getLogger(__name__)
+_NAMES = {READ: "read", COPY: "copy", FREE_PINNED: "free pinned", FREE_GPU: "free gpu",
+          READ_TO_GPU: "read to gpu", COPY_BACK: "copy back", WRITE: "write"}  # fmt: skip
+
+
+class Executor:
+    """See the module docstring. ``pool``: the process's PinnedPool (None: no pinned memory,
+    units go disk -> device through the store); the executor does not close it."""
+
+    def __init__(self, store, units: list[Unit], plan: Plan, device, pool: PinnedPool | None):
+        self.store, self.units, self.plan = store, units, plan
+        self.device = torch.device(device)
+        self._cuda = self.device.type == "cuda"
+        self._cond = threading.Condition(threading.RLock())  # callbacks may run in our thread
+        self._sched = Scheduler(plan)
+        # unit -> (device buffer, its views, the event its copy recorded)
+        self._on_device: dict[int, tuple[torch.Tensor | None, dict, object]] = {}
+        self._pool = pool
+        self._pinned: dict[int, tuple[torch.Tensor, bool]] = {}  # unit -> (buffer, from pool)
+        self._dirty: dict[int, object] = {}  # released dirty: unit -> event after its writes
+        self._writing: set[int] = set()  # acquired with write=True, not yet released
+        self._inflight = 0
+        self._error: BaseException | None = None
+        self._started = self._closed = False
+        self._copier = ThreadPoolExecutor(1, thread_name_prefix="infinity-copy")
+        self._reader = ThreadPoolExecutor(2, thread_name_prefix="infinity-direct")
+        self._stats = {"steps": 0, "stall_s": 0.0, "copy_s": 0.0, "copies": 0, "reads": 0,
+                       "h2d_bytes": 0, "d2h_bytes": 0, "writes": 0, "fallbacks": 0}  # fmt: skip
+        self._store_start = store.stats()
+        # (perf_counter, event, unit): the latest events, for diagnosis (generate runs long)
+        self.timeline: deque[tuple[float, str, int]] = deque(maxlen=4096)
+
+    # -- the driver's calls (compute thread) --------------------------------------------------
+    def start(self) -> None:
+        """Begin the first reads (acquire does it too; a driver may call this earlier, so that
+        the disk starts while the device does other work)."""
+        with self._cond:
+            if not self._started and not self._closed:
+                self._started = True
+                self._run(self._sched.start())
+
+    def acquire(self, i: int, write: bool = False) -> dict[str, torch.Tensor]:
+        """Unit ``i``'s tensors on the device, once there; ``write``: this use may change
+        them (then ``release(i, dirty=True)`` sends them back)."""
+        start = time.perf_counter()
+        with self._cond:
+            if self._closed:
+                raise InfinityError("this executor was closed")
+            self.start()
+            self.timeline.append((time.perf_counter(), "step", i))
+            self._run(self._sched.step(i, writes=True if write else None))
+            if write:
+                self._writing.add(i)
+            self._cond.wait_for(lambda: self._error is not None or self._sched.on_gpu(i))
+            self._raise()
+            _, views, ready = self._on_device[i]
+        self._stats["stall_s"] += time.perf_counter() - start
+        self.timeline.append((time.perf_counter(), "ready", i))
+        self._stats["steps"] += 1
+        if ready is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(ready)
+            for t in views.values():
+                t.record_stream(stream)  # freed early by us: not reused before compute is past
+        return views
+
+    def release(self, i: int, dirty: bool = False) -> None:
+        """The driver is done with unit ``i``; ``dirty``: it wrote new contents into its views,
+        which the plan's write-back takes to pinned memory and NVMe."""
+        with self._cond:
+            writing = i in self._writing
+            self._writing.discard(i)
+        if not dirty:
+            return
+        if not writing:
+            raise ConfigError(
+                f"unit {i} ({self.units[i].name}) released dirty but acquired without "
+                "write=True: the scheduler plans the write-back when the step begins"
+            )
+        event = None
+        if self._cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+        with self._cond:
+            self._dirty[i] = event
+
+    def finish(self) -> None:
+        """End of a pass: the last step is over (its dirty unit can be copied back)."""
+        with self._cond:
+            self._run(self._sched.finish())
+
+    def flush(self) -> None:
+        """Every unit released dirty is on NVMe and the store has committed it."""
+        with self._cond:
+            self._run(self._sched.flush())
+            self._cond.wait_for(
+                lambda: self._error is not None or (self._inflight == 0 and self._sched.flushed())
+            )
+            self._raise()
+        self.store.flush()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    # -- actions (under the lock) -------------------------------------------------------------
+    def _run(self, actions) -> None:
+        for a in actions:
+            unit = self.units[a.tensor]
+            self.timeline.append((time.perf_counter(), _NAMES[a.kind], a.tensor))
+            if a.kind == READ:
+                self._stats["reads"] += 1
+                buffer = self._host_buffer(unit)
+                self._pinned[a.tensor] = buffer
+                future = self.store.pread(unit.keys, list(unit.views(buffer[0]).values()))
+                self._track(a, future)
+            elif a.kind == COPY:
+                self._track(a, self._copier.submit(self._copy_in, unit, self._pinned[a.tensor][0]))
+            elif a.kind == READ_TO_GPU:
+                self._track(a, self._reader.submit(self._direct, unit))
+            elif a.kind == COPY_BACK:
+                if a.tensor not in self._pinned:
+                    self._pinned[a.tensor] = self._host_buffer(unit)
+                job = partial(self._copy_back, a.tensor, self._pinned[a.tensor][0])
+                self._track(a, self._copier.submit(job))
+            elif a.kind == WRITE:
+                self._stats["writes"] += 1
+                host = self._pinned[a.tensor][0]
+                future = self.store.pwrite(unit.keys, list(unit.views(host).values()))
+                self._track(a, future)
+            elif a.kind == FREE_PINNED:
+                buffer, pooled = self._pinned.pop(a.tensor)
+                if pooled:
+                    self._pool.free(buffer)
+            elif a.kind == FREE_GPU:
+                self._on_device.pop(a.tensor, None)
+
+    def _track(self, action, future: Future) -> None:
+        self._inflight += 1
+        future.add_done_callback(partial(self._finished, action))
+
+    def _host_buffer(self, unit: Unit) -> tuple[torch.Tensor, bool]:
+        """The unit's pinned buffer; pageable memory (slower copies) if the pool cannot."""
+        try:
+            if self._pool is not None:
+                return self._pool.alloc(unit.nbytes), True
+        except CapacityError as exc:
+            if not self._stats["fallbacks"]:
+                log.warning("pinned pool: %s; staging %s in pageable memory", exc, unit.name)
+        self._stats["fallbacks"] += 1
+        return torch.empty(unit.nbytes, dtype=torch.uint8), False
+
+    def _copy_in(self, unit: Unit, host: torch.Tensor):
+        """Copy thread: the unit's pinned buffer to the device in one copy."""
+        start = time.perf_counter()
+        if self._cuda:
+            buffer = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
+            ready = copy(buffer, host)
+            ready.synchronize()  # the pinned buffer may be freed or refilled after this
+        else:
+            buffer, ready = host.clone(), None
+        self._stats["copy_s"] += time.perf_counter() - start
+        self._stats["copies"] += 1
+        self._stats["h2d_bytes"] += unit.nbytes
+        return buffer, unit.views(buffer), ready
+
+    def _copy_back(self, i: int, host: torch.Tensor) -> None:
+        """Copy thread: a unit's device buffer into its pinned buffer, after the driver's stream
+        is past its writes (released clean, the copy is of unchanged contents: still right)."""
+        with self._cond:
+            after = self._dirty.pop(i, None)
+            buffer, views, _ = self._on_device[i]
+        if buffer is None:  # reached the device as separate tensors (READ_TO_GPU)
+            for piece in self.units[i].pieces:
+                event = copy(piece.view(host), views[piece.key], after=after)
+        else:
+            event = copy(host, buffer, after=after)
+        if event is not None:
+            event.synchronize()
+        self._stats["d2h_bytes"] += self.units[i].nbytes
+
+    def _direct(self, unit: Unit):
+        """No pinned budget: each key from disk to the device through the store."""
+        if not self._cuda:
+            return None, {k: self.store.get(k, device=self.device) for k in unit.keys}, None
+        stream = copy_stream(self.device)
+        with torch.cuda.stream(stream):  # get() makes this stream wait
+            tensors = {k: self.store.get(k, device=self.device) for k in unit.keys}
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        return None, tensors, ready
+
+    def _finished(self, action, future: Future) -> None:
+        with self._cond:
+            self._inflight -= 1
+            self.timeline.append(
+                (time.perf_counter(), _NAMES[action.kind] + " done", action.tensor)
+            )
+            error = future.exception()
+            if error is not None:
+                self._error = error
+                self._cond.notify_all()
+                return
+            if action.kind in (COPY, READ_TO_GPU):
+                self._on_device[action.tensor] = future.result()
+            try:
+                self._run(self._sched.done(action.id))
+            except BaseException as exc:  # noqa: BLE001 (handed to the compute thread)
+                self._error = exc
+            self._cond.notify_all()
+
+    # -- public -------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Steps, bytes moved, time waited; ``peak_gpu_bytes`` is torch's peak allocation."""
+        now, first = self.store.stats(), self._store_start
+        gpu, pinned = self.plan.resident_gpu, self.plan.resident_pinned  # kept across passes
+        out = dict(self._stats)
+        out.update(
+            disk_bytes=now.disk_read_bytes - first.disk_read_bytes,
+            disk_s=now.disk_read_s - first.disk_read_s,
+            disk_write_bytes=now.disk_write_bytes - first.disk_write_bytes,
+            scheduler=self._sched.stats(),
+            units=len(self.units),
+            plan=repr(self.plan),
+            resident_gpu_bytes=sum(self.units[i].nbytes for i in gpu),
+            resident_pinned_bytes=sum(self.units[i].nbytes for i in pinned - gpu),
+        )
+        if self._cuda:
+            out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        return out
+
+    def close(self) -> None:
+        """Stop, wait for transfers in flight, give the pinned buffers back (not the pool, not
+        the store: their owner closes them)."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.wait_for(lambda: self._inflight == 0)
+        self._copier.shutdown(wait=True)
+        self._reader.shutdown(wait=True)
+        self._on_device.clear()
+        for buffer, pooled in self._pinned.values():
+            if pooled:
+                self._pool.free(buffer)
+        self._pinned.clear()
