@@ -1,5 +1,5 @@
-"""The runtime executor on a real store (CPU here; GPU in tests/test_runtime_gpu.py): units read,
-copied and handed out per the plan; dirty units written back in place, read again after."""
+"""The runtime executor on a real store, on the CPU and (marked gpu) on a CUDA device: units
+read, copied and handed out per the plan; dirty units written back in place, read again after."""
 
 import os
 
@@ -14,6 +14,7 @@ from infinity.schedule import Bandwidths, plan
 from infinity.store import TieredStore
 
 SHAPES = [(64, 33), (129,), (7, 5, 3)]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def make_units(count: int):
@@ -42,7 +43,7 @@ def run_pass(ex, units, write=False, change=None):
     for i in range(len(units)):
         views = ex.acquire(i, write=write)
         for key, view in views.items():
-            seen[key] = view.clone()
+            seen[key] = view.to("cpu", copy=True)
             if change is not None:
                 view.copy_(change(view))
         ex.release(i, dirty=write)
@@ -50,8 +51,9 @@ def run_pass(ex, units, write=False, change=None):
     return seen
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("pinned_units", [0, 2, 4, 8])
-def test_reads_follow_the_plan_and_hand_out_the_stored_tensors(setup, pinned_units):
+def test_reads_follow_the_plan_and_hand_out_the_stored_tensors(setup, pinned_units, device):
     path, config, units, values = setup
     sizes = [u.nbytes for u in units]
     p = plan(sizes, list(range(len(units))), gpu_bytes=2 * max(sizes),
@@ -59,7 +61,7 @@ def test_reads_follow_the_plan_and_hand_out_the_stored_tensors(setup, pinned_uni
     pool_bytes = (pinned_units + 3) * max(sizes) + bounce_bytes(config.aio)
     pool = PinnedPool(pool_bytes) if pinned_units else None
     with TieredStore.open(path, config, readonly=True, pool=pool) as store:
-        ex = Executor(store, units, p, "cpu", pool)
+        ex = Executor(store, units, p, device, pool)
         for _ in range(3):
             seen = run_pass(ex, units)
             assert seen.keys() == values.keys()
@@ -76,8 +78,9 @@ def test_reads_follow_the_plan_and_hand_out_the_stored_tensors(setup, pinned_uni
         assert stats["disk_bytes"] == sum(p.nbytes for u in units for p in u.pieces)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("pinned_units", [0, 4, 8])
-def test_dirty_units_are_written_back_and_read_again(setup, pinned_units):
+def test_dirty_units_are_written_back_and_read_again(setup, pinned_units, device):
     path, config, units, values = setup
     sizes = [u.nbytes for u in units]
     order = list(range(len(units)))
@@ -85,7 +88,7 @@ def test_dirty_units_are_written_back_and_read_again(setup, pinned_units):
              repeats=3, writes=[True] * len(order), bandwidths=Bandwidths())  # fmt: skip
     pool = PinnedPool((pinned_units + 3) * max(sizes) + bounce_bytes(config.aio))
     with TieredStore.open(path, config, pool=pool) as store:
-        ex = Executor(store, units, p, "cpu", pool)
+        ex = Executor(store, units, p, device, pool)
         want = dict(values)
         for step in range(3):
             seen = run_pass(ex, units, write=True, change=lambda v: v + 1)
