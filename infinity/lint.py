@@ -461,6 +461,9 @@ def lint(config: dict | str | os.PathLike, model: ModelSpec | str | os.PathLike 
         _check_numbers(config, "config dict")
     if model is not None and not isinstance(model, ModelSpec):
         model = ModelSpec.from_hf_config(model)
+    from infinity.io import quiet_deepspeed
+
+    quiet_deepspeed()  # its config models come next; its log must not reach stdout
     findings = _check_keys(config) + _check_zero(config, model)
     return sorted(findings, key=lambda f: (f.level != "error", f.path))
 

@@ -3,7 +3,7 @@
 Other packages use the names below, never the private modules (``_transfer``, ``_deepspeed``).
 """
 
-from infinity.io._deepspeed import deepspeed_version, load_aio, load_gds
+from infinity.io._deepspeed import deepspeed_version, load_aio, load_gds, quiet_deepspeed
 from infinity.io._transfer import release_blocks
 from infinity.io.aio import AioEngine, bounce_bytes
 from infinity.io.copy import copy, copy_stream
@@ -18,5 +18,6 @@ __all__ = [
     "deepspeed_version",
     "load_aio",
     "load_gds",
+    "quiet_deepspeed",
     "release_blocks",
 ]

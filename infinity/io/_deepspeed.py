@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import re
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -52,6 +53,33 @@ def _buildable_arch_list() -> Iterator[None]:
         os.environ["TORCH_CUDA_ARCH_LIST"] = original
 
 
+_ENDURANCE = "Offloading to NVMe can generate heavy write traffic"
+
+
+class _Quiet(logging.Filter):
+    """Drops DeepSpeed's drive-endurance warning: logged from inside our first write, it reads as
+    infinity's own (aio.py says it once, in its own words, at INFO)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_ENDURANCE)
+
+
+@functools.cache
+def quiet_deepspeed() -> None:
+    """Import DeepSpeed with its log on stderr. Its logger writes to stdout, and its accelerator
+    detection warns at import ("Setting accelerator to CPU"), which made `--json` output
+    unparseable. Call before any other DeepSpeed import."""
+    with contextlib.redirect_stdout(sys.stderr):  # its handler is made at import: on stderr
+        from deepspeed.utils import logging as ds_logging
+    for handler in ds_logging.logger.handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream in (
+            sys.stdout,
+            sys.__stdout__,
+        ):
+            handler.setStream(sys.stderr)  # imported before us, by someone else
+    ds_logging.logger.addFilter(_Quiet())
+
+
 _LIBAIO_HINT = (
     "install libaio's development files (Debian/Ubuntu: `apt-get install libaio-dev`; "
     "RHEL/Fedora: `dnf install libaio-devel`), or point CFLAGS/LDFLAGS (and CPATH/LIBRARY_PATH) "
@@ -63,6 +91,7 @@ _LIBAIO_HINT = (
 def load_aio() -> Any:
     """DeepSpeed's compiled ``async_io`` module (JIT-built on first use, then cached on disk)."""
     try:
+        quiet_deepspeed()
         from deepspeed.ops.op_builder import AsyncIOBuilder
     except ImportError as exc:
         raise AioUnavailableError(
@@ -89,6 +118,7 @@ def load_aio() -> Any:
 def load_gds() -> Any | None:
     """DeepSpeed's GPUDirect Storage op, or None (with the reason logged) when it cannot load."""
     try:
+        quiet_deepspeed()
         from deepspeed.ops.op_builder import GDSBuilder
 
         builder = GDSBuilder()
@@ -104,6 +134,7 @@ def load_gds() -> Any | None:
 
 def deepspeed_version() -> str | None:
     try:
+        quiet_deepspeed()
         import deepspeed
 
         return str(deepspeed.__version__)

@@ -69,6 +69,11 @@ def _first_write_guard(op, write: bool, *args) -> int:
     if not write or _first_write_done:
         return op(*args)
     with _first_write_lock:
+        if not _first_write_done:
+            log.info(
+                "writing to NVMe: offloading that rewrites data every step (optimizer states) "
+                "can use up a consumer SSD's rated endurance (TBW); prefer datacenter drives"
+            )
         rc = op(*args)
         _first_write_done = True
     return rc
