@@ -1,7 +1,7 @@
 """Benchmark (issue 6): one batch-1 forward (16-token prompt) of a Llama-70B-shaped model cut to
 N decoder layers, every layer on disk, page cache dropped before each timed pass; ours against
 accelerate's disk offload, AirLLM's per-layer loading and DeepSpeed ZeRO-3 NVMe offload, in one
-invocation, judged against the bound measured in the same run (../shared/BENCHMARKS.md).
+invocation, judged against the bound measured in the same run.
 
     python bench/forward.py --dir .t/forward --json $OUT/forward.json            # N=8, all
     python bench/forward.py --tiny --systems synth,airllm,infinity                  # CI, CPU ok

@@ -2,7 +2,7 @@
 
     python bench/schedule.py [--passes 2000] [--json out]
 
-1. Predicted time against the bound (../shared/BENCHMARKS.md) for the issue's example (80 equal
+1. Predicted time against the bound for the issue's example (80 equal
    layers, 4 scans, pinned budget = half the layers, GPU budget = 3 layers) and for the
    Llama-70B-shaped 8-layer model of BENCHMARKS.md over a sweep of pinned budgets.
 2. Write-back: an optimizer sweep (80 equal units, each read and written once per pass, pinned

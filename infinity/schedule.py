@@ -37,7 +37,7 @@ keeps the fastest.
   through the host->GPU link while the disk reads it), ends with a flush, and reports the time,
   the bytes and the peaks.
 
-``bound_s`` is the lower bound from an empty start (../shared/BENCHMARKS.md, extended to
+``bound_s`` is the lower bound from an empty start (extended to
 writes). W: bytes of the distinct tensors of a pass, D: of those it dirties, G, P: the GPU and
 pinned budgets, R passes, M = G + P::
 
