@@ -6,7 +6,7 @@
 - accelerate: ``from_pretrained(device_map=...)`` with every decoder layer on ``"disk"``.
 - airllm: AirLLM's method without the airllm package: each layer's own safetensors file loaded to
   the device just before the layer runs and dropped after it; optionally a one-layer prefetch.
-- deepspeed: ZeRO-3 with ``offload_param`` to NVMe, the usual recipe (offload_param nvme, pin_memory, aio from bench io).
+- deepspeed: ZeRO-3 with ``offload_param`` to NVMe (pin_memory on, its aio section set).
 """
 
 from __future__ import annotations
