@@ -1,0 +1,422 @@
+"""OffloadedAdamW: AdamW whose fp32 state lives in a TieredStore (NVMe), with a RAM tier.
+
+    opt = OffloadedAdamW(model.parameters(), "/nvme/opt", lr=1e-4, pinned_bytes="64GiB")
+    loss.backward(); opt.step(); opt.zero_grad()
+
+Call order of one ``step()``:
+1. ``max_grad_norm``: ``torch.nn.utils.clip_grad_norm_`` over the parameters (the grads are
+   scaled in place, exactly as if the caller had clipped).
+2. First step only (no ``load_state_dict`` before it): each tile's initial state is written to
+   the store (master = the parameter in fp32, exp_avg = exp_avg_sq = 0).
+3. For each tile ``i`` in order: ``executor.acquire(i, write=True)`` (the plan's reads of the
+   next tiles run meanwhile), torch's own AdamW (``torch.optim.adamw.adamw``, the same kernels
+   and arguments as ``torch.optim.AdamW``) on the tile's views, a parameter with a master
+   copy then takes the new master's values (``param.copy_(master)``), and
+   ``executor.release(i, dirty=True)``: the plan copies the tile back and writes it in place,
+   unless it keeps the tile in pinned memory, where it stays dirty until the next flush.
+4. ``executor.finish()``: the last tile's write-back starts.
+
+``state_dict()`` flushes (every dirty tile reaches NVMe, the store commits) and returns a
+small dict: the step counts, the param groups, the tile layout, and each state key's version
+and checksum in the store; the fp32 states are never copied into it. ``load_state_dict``
+checks those versions against the store and refuses (StaleStateError) when later steps have
+rewritten the states in place since: only the newest state_dict of a store can be resumed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+import torch
+from torch.optim.adamw import adamw
+
+from infinity.config import format_size, parse_size
+from infinity.errors import ConfigError, InfinityError, IntegrityError
+from infinity.io import PinnedPool, bounce_bytes
+from infinity.io.pinned import pinnable_bytes
+from infinity.runtime import Executor
+from infinity.schedule import plan
+from infinity.store import StoreConfig, TieredStore, UnknownKeyError
+from infinity.training.tiles import Tile, build_tiles, layout_of
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # of the "infinity" entry of a state_dict
+MIN_PINNED_TILES = 3  # two stream buffers of the largest tile and a write reserve
+PLAN_REPEATS = 3  # passes the planner simulates (the order repeats every step)
+INIT_WINDOW = 2  # tiles written at once when the states are created
+DEFAULT_PINNED_SHARE = 4  # pinned_bytes=None: all the states, up to 1/4 of pinnable memory
+
+
+class StaleStateError(InfinityError):
+    """A state_dict whose states in the store were rewritten by later steps."""
+
+
+class OffloadedAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, as ``torch.optim.AdamW``) with its fp32 state in ``store``:
+    a directory, a list of directories (striped), or an open TieredStore (the caller's; it is
+    flushed, never closed, here). ``pinned_bytes``: RAM for the tiles the plan keeps resident
+    plus the stream buffers (default: all the states, up to a quarter of the pinnable memory;
+    at least three tiles). ``max_grad_norm``: clip by global norm before each step, as
+    ``torch.nn.utils.clip_grad_norm_``. ``tile_bytes``: the unit of I/O and update.
+    ``foreach``/``fused``: as torch's AdamW (None: torch's choice; on the CPU, the single-tensor
+    kernels). ``store_config``: the StoreConfig of a store opened here."""
+
+    def __init__(
+        self,
+        params,
+        store,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        max_grad_norm: float | None = None,
+        pinned_bytes: int | str | None = None,
+        tile_bytes: int | str = "64MiB",
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        store_config: StoreConfig | None = None,
+        key_prefix: str = "adamw/",
+        device="cpu",
+    ):
+        _check_hyper(lr, betas, eps, weight_decay)
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+        if torch.device(device).type != "cpu":
+            raise ConfigError(f"device {device!r}: OffloadedAdamW updates on the CPU for now")
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=False,
+            maximize=maximize, foreach=foreach, fused=fused, capturable=False,
+            differentiable=False,
+        )  # fmt: skip
+        self._tiles: list[Tile] | None = None
+        self._closed, self._initialized = True, False
+        self._broken: BaseException | None = None
+        super().__init__(params, defaults)
+        self.max_grad_norm = max_grad_norm
+        self.last_grad_norm: torch.Tensor | None = None
+        self._params = [p for g in self.param_groups for p in g["params"]]
+        groups = [g["params"] for g in self.param_groups]
+        self._tiles = build_tiles(groups, parse_size(tile_bytes), key_prefix)
+        if not self._tiles:
+            raise ConfigError("OffloadedAdamW: no parameter requires grad")
+        self._steps = {s.key: torch.tensor(0.0) for t in self._tiles for s in t.slices}
+        self._open(store, store_config, pinned_bytes)
+        self._closed = False
+
+    def _open(self, store, store_config, pinned_bytes) -> None:
+        sizes = [t.unit.nbytes for t in self._tiles]
+        largest, total = max(sizes), sum(sizes)
+        budget = _pinned_budget(pinned_bytes, total, largest)
+        self._own_store = not isinstance(store, TieredStore)
+        config = store_config or StoreConfig(pinned_bytes=0)  # the executor owns the buffers
+        pool_bytes = budget + (bounce_bytes(config.aio) + config.pinned_bytes) * self._own_store
+        self._pool = PinnedPool(pool_bytes)
+        opened = None
+        try:
+            if self._own_store:
+                store = opened = TieredStore.open(store, config, pool=self._pool)
+            if store.readonly:
+                raise ConfigError(f"store {store.paths[0]} is read-only")
+            order = list(range(len(sizes)))
+            p = plan(sizes, order, gpu_bytes=2 * largest, pinned_bytes=budget,
+                     writes=[True] * len(order), repeats=PLAN_REPEATS)  # fmt: skip
+            units = [t.unit for t in self._tiles]
+            self._executor = Executor(store, units, p, "cpu", self._pool)
+        except BaseException:
+            if opened is not None:
+                opened.close()
+            self._pool.close()
+            raise
+        self._store = store
+        log.info(
+            "OffloadedAdamW: %d tiles, %s of state in %s, %s pinned; %s",
+            len(sizes), format_size(total), self._store.paths[0], format_size(budget), p,
+        )  # fmt: skip
+
+    def add_param_group(self, param_group: dict) -> None:
+        if self._tiles is not None:
+            raise ConfigError(
+                "OffloadedAdamW.add_param_group after construction: the state tiles are laid "
+                "out when the optimizer is built; pass every group to the constructor"
+            )
+        for flag in ("amsgrad", "capturable", "differentiable"):
+            if param_group.get(flag):
+                raise ConfigError(f"OffloadedAdamW does not support {flag}=True")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+
+    # -- the step ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_usable()
+        with_grad = self._check_grads()
+        if not with_grad:
+            return loss
+        if self.max_grad_norm is not None:
+            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(
+                with_grad, self.max_grad_norm, foreach=self.defaults["foreach"]
+            )
+        if not self._initialized:
+            self._init_states()
+        ex = self._executor
+        try:
+            for i, tile in enumerate(self._tiles):
+                views = ex.acquire(i, write=True)
+                try:
+                    self._update(tile, views)
+                finally:
+                    ex.release(i, dirty=True)
+            ex.finish()
+        except IntegrityError as exc:
+            self._broken = exc
+            raise IntegrityError(
+                f"{exc}. If a run was killed during a step after its last state_dict(), that "
+                "step's in-place writes overwrote the checkpointed states: they cannot be resumed"
+            ) from exc
+        except BaseException as exc:
+            self._broken = exc
+            raise
+        return loss
+
+    def _check_grads(self) -> list[torch.Tensor]:
+        """The parameters with a gradient; a wrong gradient fails here, before any tile moves."""
+        tracked = {s.param for t in self._tiles for s in t.slices}
+        out = []
+        for i, p in enumerate(self._params):
+            g = p.grad
+            if g is None:
+                continue
+            if i not in tracked and p.numel():
+                raise ConfigError(
+                    f"parameter {i} {tuple(p.shape)} has a gradient but had requires_grad=False "
+                    "when the optimizer was built (it has no state); build it after unfreezing"
+                )
+            if g.is_sparse or g.shape != p.shape:
+                raise ConfigError(
+                    f"parameter {i} {tuple(p.shape)}: its gradient is "
+                    f"{'sparse' if g.is_sparse else tuple(g.shape)}; AdamW needs a dense one "
+                    "of the parameter's shape"
+                )
+            out.append(p)
+        return out
+
+    def _update(self, tile: Tile, views: dict[str, torch.Tensor]) -> None:
+        group = self.param_groups[tile.group]
+        weights, grads, avgs, avg_sqs, steps, publish = [], [], [], [], [], []
+        for s in tile.slices:
+            p = self._params[s.param]
+            if p.grad is None:
+                continue
+            keys, end = s.keys, s.start + s.numel
+            grad = p.grad.reshape(-1)[s.start : end].to(device="cpu", dtype=torch.float32)
+            if s.master:
+                weight = views[keys["master"]]
+                publish.append((p.detach().view(-1)[s.start : end], weight))
+            else:
+                weight = p.detach().view(-1)[s.start : end]
+            weights.append(weight)
+            grads.append(grad)
+            avgs.append(views[keys["exp_avg"]])
+            avg_sqs.append(views[keys["exp_avg_sq"]])
+            steps.append(self._steps[s.key])
+        if not weights:
+            return
+        beta1, beta2 = group["betas"]
+        adamw(
+            weights, grads, avgs, avg_sqs, [], steps,
+            foreach=group["foreach"], fused=group["fused"], capturable=False,
+            differentiable=False, grad_scale=None, found_inf=None, has_complex=False,
+            amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+        )  # fmt: skip
+        for param, master in publish:
+            param.copy_(master)
+
+    def _init_states(self) -> None:
+        """Each tile's first state, written to the store: the fp32 master, zeroed moments."""
+        if any(key in self._store for key in self._all_keys()):
+            log.warning(
+                "OffloadedAdamW: overwriting the optimizer states of an earlier run in %s "
+                "(call load_state_dict() before the first step to resume them)",
+                self._store.paths[0],
+            )
+        running: deque = deque()
+        for tile in self._tiles:
+            keys, tensors = [], []
+            for s in tile.slices:
+                p = self._params[s.param]
+                for name, key in s.keys.items():
+                    if name == "master":
+                        flat = p.detach().reshape(-1)[s.start : s.start + s.numel]
+                        value = flat.to(device="cpu", dtype=torch.float32, copy=True)
+                    else:
+                        value = torch.zeros(s.numel, dtype=torch.float32)
+                    keys.append(key)
+                    tensors.append(value)
+            running.append(self._store.pwrite(keys, tensors))
+            if len(running) >= INIT_WINDOW:
+                running.popleft().result()
+        for future in running:
+            future.result()
+        for t in self._tiles:
+            for s in t.slices:
+                self._steps[s.key].zero_()
+        self._share_steps()
+        self._initialized = True
+
+    def _share_steps(self) -> None:
+        """``state[p]["step"]``: the step count of the parameter's first slice."""
+        for t in self._tiles:
+            for s in t.slices:
+                if s.start == 0:
+                    self.state[self._params[s.param]] = {"step": self._steps[s.key]}
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Flush (the store commits every state), then the small dict described above."""
+        self._check_usable()
+        if self._initialized:
+            self._executor.flush()
+        sd = super().state_dict()
+        sd["state"] = {i: {k: v.clone() for k, v in st.items()} for i, st in sd["state"].items()}
+        versions = {}
+        if self._initialized:
+            for key in self._all_keys():
+                info = self._store.entry(key)
+                versions[key] = [info.version, info.checksum]
+        sd["infinity"] = {
+            "format": FORMAT,
+            "paths": list(self._store.paths),
+            "initialized": self._initialized,
+            "layout": layout_of(self._tiles),
+            "versions": versions,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Resume from a ``state_dict()`` of an optimizer over the same store and model. The
+        store must still hold the states that state_dict committed: StaleStateError if later
+        steps rewrote them (keep only the newest state_dict of a store)."""
+        self._check_usable()
+        info = state_dict.get("infinity") if isinstance(state_dict, dict) else None
+        if not isinstance(info, dict) or info.get("format") != FORMAT:
+            raise ConfigError(
+                "not a state_dict of OffloadedAdamW (no 'infinity' entry of format "
+                f"{FORMAT}); a torch.optim.AdamW state_dict cannot be loaded into it"
+            )
+        if info["layout"] != layout_of(self._tiles):
+            raise ConfigError(
+                "this state_dict was saved for other parameters (its tile layout differs: "
+                "another model, other param groups, tile_bytes or key_prefix)"
+            )
+        if self._initialized:
+            self._executor.flush()  # our newest states are the store's: compare those
+        if info["initialized"]:
+            self._check_versions(info)
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "infinity"})
+        for t in self._tiles:
+            for s in t.slices:
+                saved = self.state.get(self._params[s.param], {}).get("step")
+                self._steps[s.key].fill_(float(saved) if saved is not None else 0.0)
+        self._share_steps()
+        self._initialized = bool(info["initialized"])
+
+    def _check_versions(self, info: dict) -> None:
+        stale = []
+        for key, (version, checksum) in info["versions"].items():
+            try:
+                entry = self._store.entry(key)
+            except UnknownKeyError:
+                stale.append(f"{key} missing")
+                continue
+            if (entry.version, entry.checksum) != (version, checksum):
+                stale.append(f"{key} at version {entry.version}, saved at {version}")
+        if stale:
+            raise StaleStateError(
+                f"the optimizer states in {self._store.paths[0]} have changed since this "
+                f"state_dict was saved ({len(stale)} of {len(info['versions'])} keys: "
+                f"{', '.join(stale[:3])}): later steps rewrote them in place, so only the "
+                "newest state_dict of this store can be resumed; load that one"
+            )
+
+    # -- the rest ------------------------------------------------------------------------------
+    def _all_keys(self) -> list[str]:
+        return [k for t in self._tiles for s in t.slices for k in s.keys.values()]
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise InfinityError("this OffloadedAdamW was closed")
+        if self._broken is not None:
+            raise InfinityError(
+                f"a step of this OffloadedAdamW failed midway ({self._broken!r}): its states "
+                "are partly updated; build a new one and load the last state_dict"
+            )
+
+    def stats(self) -> dict:
+        """The executor's: steps, bytes read and written, time waited, the plan."""
+        return self._executor.stats()
+
+    @property
+    def store(self) -> TieredStore:
+        return self._store
+
+    def flush(self) -> None:
+        """Every state on NVMe, committed."""
+        self._check_usable()
+        if self._initialized:
+            self._executor.flush()
+
+    def close(self) -> None:
+        """Flush, then release the executor, the store (if opened here) and the pinned pool."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._initialized and self._broken is None:
+                self._executor.flush()
+        finally:
+            self._executor.close()
+            if self._own_store:
+                self._store.close()
+            self._pool.close()
+
+    def __enter__(self) -> OffloadedAdamW:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _check_hyper(lr, betas, eps, weight_decay) -> None:
+    lr_value = float(lr) if isinstance(lr, torch.Tensor) else lr
+    if not 0.0 <= lr_value:
+        raise ConfigError(f"invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ConfigError(f"invalid epsilon value: {eps}")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"invalid betas {betas}: two values in [0, 1)")
+    if not 0.0 <= weight_decay:
+        raise ConfigError(f"invalid weight_decay value: {weight_decay}")
+
+
+def _pinned_budget(pinned_bytes, total: int, largest: int) -> int:
+    floor = MIN_PINNED_TILES * largest
+    if pinned_bytes is None:
+        cap = pinnable_bytes()[0] // DEFAULT_PINNED_SHARE
+        return max(floor, min(total + floor, cap))
+    budget = parse_size(pinned_bytes)
+    if budget < floor:
+        log.info(
+            "OffloadedAdamW: pinned_bytes %s raised to %s (three of the largest tile, %s)",
+            format_size(budget), format_size(floor), format_size(largest),
+        )  # fmt: skip
+    return max(budget, floor)
