@@ -31,10 +31,10 @@ def batches(count, dtype=torch.float32, seed=1):
     ]
 
 
-def backward(model, batch, scale=1.0):
+def backward(model, batch, scale=1.0, scaler=None):
     x, y = batch
     loss = torch.nn.functional.mse_loss(model(x).float(), y.float()) * scale
-    loss.backward()
+    (loss if scaler is None else scaler.scale(loss)).backward()
     return loss.detach()
 
 
@@ -269,4 +269,43 @@ def test_frozen_parameters_get_no_state(disk_dir):
     backward(model, batches(1)[0])
     with pytest.raises(ConfigError, match="requires_grad=False when the optimizer was built"):
         opt.step()
+    opt.close()
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 0.05])
+def test_fp16_with_grad_scaler_skips_overflows_and_unscales(disk_dir, max_grad_norm):
+    model, ref_model = make_model(torch.float16), make_model(torch.float16)
+    opt = new_opt(model.parameters(), disk_dir, lr=1e-2, max_grad_norm=max_grad_norm)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    ref = MasterAdamW(ref_model, lr=1e-2)
+    ref_scale, skipped = 2.0**10, 0
+    data = batches(5, torch.float16)
+    data[2] = (data[2][0] * 6e4, data[2][1])  # overflows fp16: inf/nan gradients
+    for batch in data:
+        backward(model, batch, scaler=scaler)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        # the reference: the same scaling by hand, the fp32 masters' grads unscaled and clipped
+        backward(ref_model, batch, ref_scale)
+        grads = [p.grad for p in ref_model.parameters()]
+        if all(torch.isfinite(g).all() for g in grads):
+            factor = torch.tensor(1.0 / ref_scale)
+            if max_grad_norm is not None:
+                norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+                total = torch.linalg.vector_norm(torch.stack(norms)) * factor
+                factor = factor * torch.clamp(max_grad_norm / (total + 1e-6), max=1.0)
+            for m, g in zip(ref.masters, grads, strict=True):
+                m.grad = g.float() * factor
+            ref.opt.step()
+            with torch.no_grad():
+                for m, p in zip(ref.masters, ref_model.parameters(), strict=True):
+                    p.copy_(m)
+        else:
+            ref_scale, skipped = ref_scale / 2, skipped + 1
+        ref_model.zero_grad()
+        assert_same_params(model, ref_model)
+        assert scaler.get_scale() == ref_scale
+    assert skipped == 1
+    assert {float(opt.state[p]["step"]) for p in model.parameters()} == {4.0}
     opt.close()

@@ -5,7 +5,9 @@
 
 Call order of one ``step()``:
 1. ``max_grad_norm``: ``torch.nn.utils.clip_grad_norm_`` over the parameters (the grads are
-   scaled in place, exactly as if the caller had clipped).
+   scaled in place, exactly as if the caller had clipped). Under ``GradScaler.step(opt)``: a
+   step with an inf/nan gradient is skipped; otherwise the loss scale (and the clip
+   coefficient, from the unscaled norm) multiply the fp32 copies of the grads.
 2. First step only (no ``load_state_dict`` before it): each tile's initial state is written to
    the store (master = the parameter in fp32, exp_avg = exp_avg_sq = 0).
 3. For each tile ``i`` in order: ``executor.acquire(i, write=True)`` (the plan's reads of the
@@ -159,12 +161,10 @@ class OffloadedAdamW(torch.optim.Optimizer):
                 loss = closure()
         self._check_usable()
         with_grad = self._check_grads()
-        if not with_grad:
-            return loss
-        if self.max_grad_norm is not None:
-            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(
-                with_grad, self.max_grad_norm, foreach=self.defaults["foreach"]
-            )
+        found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step, see below
+        if not with_grad or (found_inf is not None and bool(found_inf)):
+            return loss  # an overflow: nothing changes, the scaler lowers its scale
+        factor = self._grad_factor(with_grad, getattr(self, "grad_scale", None))
         if not self._initialized:
             self._init_states()
         ex = self._executor
@@ -172,7 +172,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
             for i, tile in enumerate(self._tiles):
                 views = ex.acquire(i, write=True)
                 try:
-                    self._update(tile, views)
+                    self._update(tile, views, factor)
                 finally:
                     ex.release(i, dirty=True)
             ex.finish()
@@ -209,7 +209,30 @@ class OffloadedAdamW(torch.optim.Optimizer):
             out.append(p)
         return out
 
-    def _update(self, tile: Tile, views: dict[str, torch.Tensor]) -> None:
+    # torch.amp.GradScaler.step(opt) hands a scaled step to the optimizer (``grad_scale``, the
+    # scale still in the grads, None once ``scaler.unscale_(opt)`` ran; ``found_inf``) instead
+    # of unscaling the grads itself, which it refuses to do for fp16 grads: fp16 models work.
+    _step_supports_amp_scaling = True
+
+    def _grad_factor(self, with_grad, scale) -> torch.Tensor | None:
+        """What multiplies the fp32 grads: the inverse loss scale and the clip coefficient, or
+        None. Without a scale the clip is ``clip_grad_norm_`` itself (grads scaled in place);
+        with one, the same formula on the unscaled norm, applied to the fp32 copies."""
+        if scale is None:
+            if self.max_grad_norm is not None:
+                self.last_grad_norm = torch.nn.utils.clip_grad_norm_(
+                    with_grad, self.max_grad_norm, foreach=self.defaults["foreach"]
+                )
+            return None
+        factor = scale.double().reciprocal().float().cpu()  # as GradScaler.unscale_
+        if self.max_grad_norm is None:
+            return factor
+        norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32).cpu() for p in with_grad]
+        total = torch.linalg.vector_norm(torch.stack(norms)) * factor
+        self.last_grad_norm = total
+        return factor * torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
+
+    def _update(self, tile: Tile, views: dict[str, torch.Tensor], factor=None) -> None:
         group = self.param_groups[tile.group]
         weights, grads, avgs, avg_sqs, steps, publish = [], [], [], [], [], []
         for s in tile.slices:
@@ -218,6 +241,8 @@ class OffloadedAdamW(torch.optim.Optimizer):
                 continue
             keys, end = s.keys, s.start + s.numel
             grad = p.grad.reshape(-1)[s.start : end].to(device="cpu", dtype=torch.float32)
+            if factor is not None:
+                grad = grad * factor  # a new tensor: p.grad stays as the caller left it
             if s.master:
                 weight = views[keys["master"]]
                 publish.append((p.detach().view(-1)[s.start : end], weight))
