@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 
 import click
@@ -20,6 +21,33 @@ def _size(ctx, param, value):
         return parse_size(value)
     except InfinityError as exc:
         raise click.BadParameter(str(exc)) from None
+
+
+def _directory(ctx, param, value):
+    """click.Path(file_okay=False) refuses a regular file only: a FIFO, a device or a socket
+    given as a directory is refused here, as a usage error (the commands would fail later)."""
+    from infinity.files import NotRegularFileError
+
+    for path in value if isinstance(value, tuple) else (value,):
+        if path is not None and os.path.lexists(path) and not os.path.isdir(path):
+            kind = NotRegularFileError(path, os.stat(path).st_mode).kind
+            raise click.BadParameter(f"{path!r} is {kind}, not a directory")
+    return value
+
+
+def _output_file(ctx, param, value):
+    """A file to write at the end of a long run: refused at once when it could not be written
+    then (its directory missing or not writable, the path a FIFO or a device)."""
+    if value is None:
+        return None
+    parent = os.path.dirname(os.path.abspath(value))
+    if not os.path.isdir(parent):
+        raise click.BadParameter(f"{value!r}: its directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise click.BadParameter(f"{value!r}: its directory {parent} is not writable")
+    if os.path.lexists(value) and not os.path.isfile(value):
+        raise click.BadParameter(f"{value!r} exists and is not a regular file")
+    return value
 
 
 @click.group()
@@ -38,6 +66,7 @@ def main(verbose: int, quiet: bool) -> None:
     "--dir",
     "directory",
     type=click.Path(exists=True, file_okay=False),
+    callback=_directory,
     help="Directory you plan to offload to (filesystem, O_DIRECT, device queue).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
@@ -104,6 +133,7 @@ def bench() -> None:
     "directory",
     required=True,
     type=click.Path(exists=True, file_okay=False),
+    callback=_directory,
     help="Directory on the drive to measure (a temporary file is written there).",
 )
 @click.option(
@@ -118,7 +148,13 @@ def bench() -> None:
 @click.option("--quick", is_flag=True, help="A small sweep (2 configurations).")
 @click.option("--full", is_flag=True, help="A large sweep (120 configurations).")
 @click.option("--repeats", default=1, show_default=True, help="Timed repeats per point (median).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write results here.")
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False),
+    callback=_output_file,
+    help="Write results here.",
+)
 def bench_io(directory, size_bytes, gpu, quick, full, repeats, json_path) -> None:
     """Sweep block size x queue depth x threads x submit mode; reads and writes, cold."""
     from rich.console import Console
@@ -167,13 +203,16 @@ def bench_io(directory, size_bytes, gpu, quick, full, repeats, json_path) -> Non
         click.echo(f"wrote {json_path}")
 
 
+_STORE_PATH = click.Path(exists=True, file_okay=False)
+
+
 @main.group()
 def store() -> None:
     """Inspect and maintain a store."""
 
 
 @store.command("ls")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.argument("paths", nargs=-1, required=True, type=_STORE_PATH, callback=_directory)
 def store_ls(paths) -> None:
     """List keys with dtype, shape and size."""
     from infinity.store import TieredStore
@@ -187,7 +226,7 @@ def store_ls(paths) -> None:
 
 
 @store.command("fsck")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.argument("paths", nargs=-1, required=True, type=_STORE_PATH, callback=_directory)
 def store_fsck(paths) -> None:
     """Read every key back and check its checksum; exit 1 if any is damaged."""
     from infinity.store import TieredStore
@@ -201,11 +240,13 @@ def store_fsck(paths) -> None:
 
 
 @store.command("compact")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.argument("paths", nargs=-1, required=True, type=_STORE_PATH, callback=_directory)
 def store_compact(paths) -> None:
     """Give back the free space at the end of the data files."""
     from infinity.store import TieredStore
 
+    with TieredStore.open(list(paths), readonly=True):
+        pass  # a store must be there: opening it for writing would make one
     with TieredStore.open(list(paths)) as s:
         click.echo(f"released {format_size(s.compact())}")
 
@@ -354,8 +395,8 @@ def lint(config_path, model_path, as_json) -> None:
 
 
 @main.command("convert")
-@click.argument("hf_dir", type=click.Path(file_okay=False))
-@click.argument("store_dir", type=click.Path(file_okay=False))
+@click.argument("hf_dir", type=click.Path(file_okay=False), callback=_directory)
+@click.argument("store_dir", type=click.Path(file_okay=False), callback=_directory)
 @click.option(
     "--dtype",
     default="auto",
@@ -368,6 +409,7 @@ def lint(config_path, model_path, as_json) -> None:
     "nvme_paths",
     multiple=True,
     type=click.Path(file_okay=False),
+    callback=_directory,
     help="Where the store's data goes (repeat to stripe over drives). Default: STORE_DIR/data.",
 )
 @click.option("--overwrite", is_flag=True, help="Discard an earlier conversion in STORE_DIR.")
@@ -385,16 +427,21 @@ def convert_cmd(hf_dir, store_dir, dtype, nvme_paths, overwrite, as_json) -> Non
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn())
     bar = Progress(*columns, TransferSpeedColumn(), console=Console(stderr=True), transient=True)
     start = time.perf_counter()
-    with bar:
-        task = bar.add_task("converting", total=None)
+    task = bar.add_task("converting", total=None)
 
-        def progress(done: int, total: int, unit: str) -> None:
-            (written if unit else started).append((unit, time.perf_counter()))
-            bar.update(task, completed=done, total=total, description=unit or "writing")
+    def progress(done: int, total: int, unit: str) -> None:
+        if not unit:  # writing starts: the bar shows from here (a refusal prints one line)
+            bar.start()
+        (written if unit else started).append((unit, time.perf_counter()))
+        bar.update(task, completed=done, total=total, description=unit or "writing")
 
+    try:
         layout = convert(
             hf_dir, store_dir, dtype, list(nvme_paths) or None, progress, overwrite=overwrite
         )
+    finally:
+        if started:  # stop() prints a newline even when the bar never started
+            bar.stop()
     seconds = time.perf_counter() - start
     sizes = {u.name: u.nbytes for u in layout.units}
     written_bytes = sum(sizes[name] for name, _ in written)
@@ -434,7 +481,7 @@ def convert_cmd(hf_dir, store_dir, dtype, nvme_paths, overwrite, as_json) -> Non
 
 
 @main.command("generate")
-@click.argument("store_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("store_dir", type=click.Path(exists=True, file_okay=False), callback=_directory)
 @click.option("--prompt", required=True, help="The prompt (repeated for each batch row).")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--batch-size", default=1, show_default=True, type=click.IntRange(1))

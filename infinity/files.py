@@ -113,11 +113,13 @@ def decode_text(data: bytes, path: str | os.PathLike, what: str) -> str:
         ) from None
 
 
-def load_json(path: str | os.PathLike, what: str, *, follow: bool = True):
-    """The JSON value in the regular file ``path`` (at most MAX_CONFIG_BYTES); every way it can
+def load_json(
+    path: str | os.PathLike, what: str, max_bytes: int = MAX_CONFIG_BYTES, *, follow: bool = True
+):
+    """The JSON value in the regular file ``path`` (at most ``max_bytes``); every way it can
     fail (unreadable, not text, not JSON, nested too deep, a number with too many digits) is one
     ConfigError naming the file."""
-    text = decode_text(read_regular(path, what, follow=follow), path, what)
+    text = decode_text(read_regular(path, what, max_bytes, follow=follow), path, what)
     try:
         return json.loads(text)
     except RecursionError:

@@ -21,6 +21,7 @@ from torch import nn
 
 from infinity import CapacityError, ConfigError
 from infinity.cli import main
+from infinity.errors import IntegrityError, StorageIOError
 from infinity.inference import convert
 from infinity.inference.convert import COPIED, plan_layout, quantize_fp8
 from infinity.inference.layout import ModelLayout
@@ -493,3 +494,79 @@ def test_cli_convert(tmp_path_factory, tmp_path):
     assert "6 units (3 layers), 30 tensors" in result.output and "GB/s); " in result.output
     result = CliRunner().invoke(main, ["convert", str(tmp_path / "nowhere"), str(store_dir)])
     assert isinstance(result.exception, ConfigError)
+
+
+def test_a_shard_cut_short_while_converting_leaves_it_incomplete(reference, tmp_path):
+    """The bytes are read at the header's offsets (pread, no mmap): a shard truncated after the
+    plan is an IntegrityError naming it (not a SIGBUS); model.json stays incomplete, so a load
+    says to run convert again, and once the shard is back the rerun resumes to the same store."""
+    _, ref_layout, ref_state = reference
+    hf_dir, store_dir = tmp_path / "hf", tmp_path / "store"
+    shutil.copytree(reference[0], hf_dir)  # copy2: the mtimes, so the fingerprint, are kept
+    _, sources = plan_layout(hf_dir, "fp8")
+    victim = sources["model.layers.2.mlp.down_proj.weight"]
+    original, st = Path(victim.file).read_bytes(), os.stat(victim.file)
+
+    def cut(done, total, unit):
+        if unit == "model.layers.0":
+            os.truncate(victim.file, victim.file_offset + 10)
+
+    message = (
+        rf"{re.escape(victim.file)} ends at byte [\d,]+, inside model\.layers\.[12]\..*cut short"
+    )
+    with pytest.raises(IntegrityError, match=message):
+        run_convert(hf_dir, store_dir, "fp8", progress=cut)
+    with pytest.raises(ConfigError, match=r"is incomplete .*run `infinity convert .* again"):
+        ModelLayout.load(store_dir)
+    Path(victim.file).write_bytes(original)
+    os.utime(victim.file, ns=(st.st_atime_ns, st.st_mtime_ns))
+    seen = []
+    layout = run_convert(hf_dir, store_dir, "fp8", progress=lambda *a: seen.append(a[2]))
+    assert 1 < len(seen) < 1 + len(layout.units)  # resumed: the first units were kept
+    assert layout.complete and layout.tensors == ref_layout.tensors
+    assert store_state(layout) == ref_state
+    assert_contiguous(layout)
+
+
+def test_a_refused_start_takes_back_what_it_made(tmp_path_factory, tmp_path, monkeypatch):
+    """A fresh conversion that fails before writing (the store cannot open, O_DIRECT refused)
+    removes the files and directories it made; an earlier conversion's files are kept."""
+    hf_dir = checkpoint(tmp_path_factory, "llama")
+
+    def refuse(*args, **kwargs):
+        raise StorageIOError(str(args[0][0]), 0, 0, 5, "the drive went away")
+
+    with monkeypatch.context() as m:
+        m.setattr(TieredStore, "open", refuse)
+        with pytest.raises(StorageIOError, match="the drive went away"):
+            run_convert(hf_dir, tmp_path / "deep" / "store")
+        assert os.listdir(tmp_path) == []  # deep/, store/, data/, configs, model.json: gone
+        (tmp_path / "kept").mkdir()  # STORE_DIR exists: it stays, empty
+        with pytest.raises(StorageIOError):
+            run_convert(hf_dir, tmp_path / "kept", nvme_paths=[tmp_path / "nvme"])
+        assert os.listdir(tmp_path) == ["kept"] and os.listdir(tmp_path / "kept") == []
+    with monkeypatch.context() as m:
+        m.setattr(CONVERT_MODULE, "probe_direct_io", lambda p: "open(O_DIRECT) failed: nope")
+        with pytest.raises(StorageIOError, match=r"cannot use O_DIRECT there \(open\(O_DIRECT"):
+            run_convert(hf_dir, tmp_path / "store")
+        assert not (tmp_path / "store").exists()
+
+    def stop(done, total, unit):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # an earlier, incomplete conversion
+        run_convert(hf_dir, tmp_path / "store", progress=stop)
+    before = sorted(os.listdir(tmp_path / "store"))
+    with monkeypatch.context() as m, pytest.raises(StorageIOError):
+        m.setattr(TieredStore, "open", refuse)
+        run_convert(hf_dir, tmp_path / "store")
+    assert sorted(os.listdir(tmp_path / "store")) == before and "model.json" in before
+
+
+def test_store_dir_that_is_a_file_is_refused(tmp_path_factory, tmp_path):
+    (store := tmp_path / "store").write_text("mine")
+    with pytest.raises(ConfigError, match="STORE_DIR .* exists and is not a directory"):
+        run_convert(checkpoint(tmp_path_factory, "llama"), store)
+    with pytest.raises(ConfigError, match="store path .*store exists and is not a directory"):
+        run_convert(checkpoint(tmp_path_factory, "llama"), tmp_path / "s", nvme_paths=[store])
+    assert store.read_text() == "mine" and not (tmp_path / "s").exists()

@@ -5,18 +5,26 @@ Call order of ``convert``:
    index), fingerprints them (names, sizes, mtimes), builds the model on the meta device and
    hands it with the checkpoint's headers to ``layout.plan`` (nothing is read), which returns the
    layout: units in forward order, one record per stored tensor, what is tied.
+   Each safetensors header is checked whole against its file
+   (``checkpoint.read_safetensors_header``) before a byte of tensor data is read.
 2. An earlier conversion in STORE_DIR: complete -> returned as it is; incomplete with the same
    fingerprint and dtype -> resumed; anything else -> ConfigError (unless ``overwrite``).
 3. Free space is checked against the bytes still to write, before any tensor is written.
-4. config.json, generation_config.json and the tokenizer files are copied; model.json is saved
-   with complete=False; each unit's tensors are then read one at a time (safe_open), cast or
+4. ``_start``: STORE_DIR is made, O_DIRECT is probed in each store path; config.json,
+   generation_config.json and the tokenizer files are copied; model.json is saved with
+   complete=False; the store is opened. A fresh conversion that fails here takes back what it
+   made (files and directories), so a refused conversion leaves nothing behind.
+5. Each unit's tensors are read one at a time (pread at the offsets of the checked header, no
+   mmap: a file cut short while converting is an IntegrityError, not a SIGBUS), cast or
    quantized and put one after another (a reader thread prepares the next tensor while one is
-   written); the store is flushed after each unit; model.json is saved with complete=True.
-Untrusted input: every file read or copied from HF_DIR must be a regular file (no FIFO, device
-or directory) inside HF_DIR; a symlink may point inside HF_DIR or, in a Hub cache snapshot
-(.../models--X/snapshots/REV), into that repository's blobs/; any other is refused, a copied
-file as much as a shard (a model without its tokenizer is broken too, so nothing is skipped).
-STORE_DIR and the store paths must not be HF_DIR, inside it, or hold it. config.json's
+   written); the store is flushed after each unit; model.json is saved with complete=True. A
+   failure from here on leaves model.json incomplete: ``ModelLayout.load`` refuses it and says
+   to run convert again, which resumes.
+Untrusted input: what HF_DIR holds is read through ``checkpoint.py`` (regular files inside the
+checkpoint only, nothing skipped: a model without its tokenizer is broken too; damaged
+safetensors files refused with the numbers). STORE_DIR and the store paths must not be HF_DIR,
+inside it, or hold it; the store paths must be distinct directories, with existing parents, not
+on tmpfs (unless INFINITY_ALLOW_TMPFS=1): all checked before anything is written. config.json's
 dimensions are checked against ``estimate.MODEL_LIMITS`` before the meta model is built.
 Resume keeps each unit whose keys are all committed with the recorded dtype and shape and deletes
 every other key before writing those units again, so that the result equals an uninterrupted
@@ -25,6 +33,8 @@ conversion (keys, bytes, checksums, versions, layout) and each layer stays conti
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -33,14 +43,21 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
 
 import torch
 
 from infinity.config import ALIGNMENT_BYTES
-from infinity.errors import CapacityError, ConfigError
+from infinity.errors import CapacityError, ConfigError, StorageIOError
 from infinity.estimate import check_model_config
 from infinity.files import load_json, open_config
+from infinity.inference.checkpoint import (
+    COPIED,
+    TensorSource,
+    checkpoint_files,
+    member,
+    read_headers,
+    read_tensor,
+)
 from infinity.inference.layout import (
     LAYOUT_FILE,
     ModelLayout,
@@ -49,36 +66,14 @@ from infinity.inference.layout import (
     build_meta_model,
     plan,
 )
+from infinity.io.fsinfo import MEMORY_FS, mount_of, probe_direct_io
 from infinity.store.manifest import MANIFEST, MEMBER, dtype_from_name, dtype_name
 
 log = logging.getLogger(__name__)
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-INDEX, SINGLE, DATA_DIR = "model.safetensors.index.json", "model.safetensors", "data"
-COPIED = (  # next to model.json, verbatim
-    "config.json generation_config.json tokenizer.json tokenizer_config.json "
-    "special_tokens_map.json tokenizer.model vocab.json merges.txt added_tokens.json "
-    "chat_template.jinja chat_template.json"
-).split()
-SAFETENSORS_DTYPES = {  # header name -> torch dtype
-    name: getattr(torch, dtype)
-    for name, dtype in zip(
-        "F64 F32 F16 BF16 F8_E4M3 F8_E5M2 I64 I32 I16 I8 U8 BOOL".split(),
-        "float64 float32 float16 bfloat16 float8_e4m3fn float8_e5m2 int64 int32 int16 int8 "
-        "uint8 bool".split(),
-        strict=True,
-    )
-}
-
+DATA_DIR = "data"
 Progress = Callable[[int, int, str], None]
-
-
-@dataclass(frozen=True)
-class _Source:
-    """Where a stored parameter's bytes are: its name in the checkpoint and the file."""
-
-    name: str
-    file: str
 
 
 def convert(
@@ -101,13 +96,12 @@ def convert(
     resumes). ``overwrite`` discards an
     earlier conversion in STORE_DIR and empties the store at the store paths. ``store_config``:
     the StoreConfig to write with (default: no pinned tier)."""
-    from safetensors import safe_open
-
-    from infinity.store import StoreConfig, TieredStore
+    from infinity.store import StoreConfig
 
     store_dir = os.path.abspath(store_dir)
     paths = [os.path.abspath(p) for p in (nvme_paths or [os.path.join(store_dir, DATA_DIR)])]
     _refuse_overlap(os.path.abspath(hf_dir), store_dir, paths)
+    _check_destination(store_dir, paths)
     layout, sources = plan_layout(hf_dir, dtype, paths)
     config = store_config or StoreConfig(pinned_bytes=0)
     earlier = _earlier(store_dir, overwrite)
@@ -122,20 +116,18 @@ def convert(
         _refuse_foreign_store(paths)
     if earlier is None:  # nothing may be written if it cannot fit
         _check_space(layout, layout.units, paths)
-    os.makedirs(store_dir, exist_ok=True)
-    _copy_metadata(layout.source["dir"], store_dir)
-    layout.save(store_dir)
     total = sum(u.nbytes for u in layout.units)
-    opened: dict = {}
+    fds: dict[str, int] = {}
 
     def read(name: str) -> list[tuple[str, torch.Tensor]]:  # on the reader thread
         src = sources[name]
-        if src.file not in opened:
-            opened[src.file] = files.enter_context(safe_open(src.file, framework="pt"))
-        return list(_to_store(opened[src.file].get_tensor(src.name), layout.tensors[name]))
+        if src.file not in fds:
+            fds[src.file] = open_config(src.file, "checkpoint file", follow=False)
+            files.callback(os.close, fds[src.file])
+        return list(_to_store(read_tensor(fds[src.file], src), layout.tensors[name]))
 
     with (
-        TieredStore.open(paths, config) as store,
+        _start(store_dir, paths, layout, config, fresh=earlier is None) as store,
         ExitStack() as files,
         ThreadPoolExecutor(1, thread_name_prefix="infinity-convert") as reader,
     ):
@@ -165,6 +157,76 @@ def convert(
     return layout
 
 
+def _start(store_dir: str, paths: list[str], layout: ModelLayout, config, *, fresh: bool):
+    """Make STORE_DIR and the store paths, probe O_DIRECT in each store path, copy the
+    metadata, save model.json (complete=False) and open the store for writing. When ``fresh``
+    (no earlier conversion) and a step fails, what this call made is taken back: the files it
+    wrote into STORE_DIR, and the directories it created (mkdir by mkdir: none that another
+    process made meanwhile), with what the store put in them."""
+    from infinity.store import TieredStore
+
+    made: list[str] = []
+    wrote: list[str] = []
+    try:
+        for path in [*_missing_ancestors(store_dir), *paths]:
+            _make_dir(path, made)
+        for path in paths:
+            reason = probe_direct_io(path)
+            if reason is not None:
+                raise StorageIOError(
+                    path, 0, 0, errno.EINVAL,
+                    f"the store cannot use O_DIRECT there ({reason}); give --nvme-path on a "
+                    "filesystem that supports it (ext4 or xfs on an NVMe drive), not tmpfs, "
+                    "overlayfs or a network filesystem",
+                )  # fmt: skip
+        _copy_metadata(layout.source["dir"], store_dir, wrote)
+        wrote.append(os.path.join(store_dir, LAYOUT_FILE))
+        layout.save(store_dir)
+        return TieredStore.open(paths, config)
+    except BaseException:
+        if fresh:
+            _take_back(wrote, made)
+        raise
+
+
+def _missing_ancestors(path: str) -> list[str]:
+    """``path`` and its parents that do not exist, outermost first (what makedirs would make)."""
+    missing = []
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing[::-1]
+
+
+def _make_dir(path: str, made: list[str]) -> None:
+    """mkdir ``path`` unless it exists; appended to ``made`` when this call created it."""
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise StorageIOError(
+            path, 0, 0, exc.errno or 0, f"cannot create the directory: {exc.strerror}"
+        ) from None
+    made.append(path)
+
+
+def _take_back(files: list[str], dirs: list[str]) -> None:
+    """Remove ``files``, then the directories in ``dirs`` (created by this conversion, so that
+    all inside them is its own), innermost first; a failure to remove one is logged, not raised
+    over the error that brought us here."""
+    for path, remove in [
+        *((f, os.remove) for f in files),
+        *((d, shutil.rmtree) for d in dirs[::-1]),
+    ]:
+        try:
+            remove(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("could not remove %s after the failed conversion: %s", path, exc)
+
+
 def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A 2-D weight as float8_e4m3fn plus a float32 scale per row (output channel), with
     ``weight ~= q.float() * scale[:, None]``; scale = row amax / 448, 1 for rows of zeros."""
@@ -177,14 +239,14 @@ def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def plan_layout(
     hf_dir: str | os.PathLike, dtype: str = "auto", store_paths: list[str] | None = None
-) -> tuple[ModelLayout, dict[str, _Source]]:
+) -> tuple[ModelLayout, dict[str, TensorSource]]:
     """The layout a conversion writes (layout.plan over the checkpoint's headers), and where
     each stored parameter's bytes are; reads config.json and the safetensors headers only."""
     import transformers
 
     hf_dir = os.path.abspath(hf_dir)
-    files, source = _checkpoint(hf_dir)
-    raw = load_json(_member(hf_dir, "config.json"), "config.json", follow=False)
+    files, source = checkpoint_files(hf_dir)
+    raw = load_json(member(hf_dir, "config.json"), "config.json", follow=False)
     if not isinstance(raw, dict):
         raise ConfigError(f"{hf_dir}/config.json holds a JSON {type(raw).__name__}, not an object")
     check_model_config(raw, f"{hf_dir}/config.json")
@@ -202,96 +264,10 @@ def plan_layout(
             f"{hf_dir} is a quantized checkpoint ({method}); infinity converts unquantized "
             "weights only: convert the original bf16/fp16 checkpoint (--dtype fp8 quantizes)"
         )
-    header = _headers(files)
-    checkpoint = {name: (kind, shape) for name, (_, kind, shape) in header.items()}
+    header = read_headers(files)
+    checkpoint = {name: (src.dtype, src.shape) for name, src in header.items()}
     layout, read_from = plan(build_meta_model(config), checkpoint, dtype, store_paths, source)
-    return layout, {name: _Source(found, header[found][0]) for name, found in read_from.items()}
-
-
-def _listing(names: list[str]) -> str:
-    shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
-    return shown or "nothing"
-
-
-def _checkpoint(hf_dir: str) -> tuple[list[str], dict]:
-    """The safetensors files of a checkpoint and its fingerprint; ConfigError saying what is
-    there and what to do when it is not a safetensors checkpoint."""
-    if not os.path.exists(hf_dir):
-        raise ConfigError(
-            f"{hf_dir} does not exist: give the directory of a Hugging Face checkpoint "
-            "(config.json and *.safetensors)"
-        )
-    if not os.path.isdir(hf_dir):
-        raise ConfigError(f"{hf_dir} is not a directory: give the one holding config.json")
-    names = sorted(os.listdir(hf_dir))
-    if "config.json" not in names:
-        raise ConfigError(
-            f"{hf_dir} has no config.json (it holds: {_listing(names)}): give a Hugging Face "
-            "model directory, as save_pretrained writes it or as downloaded from the Hub"
-        )
-    if INDEX in names:
-        index = load_json(_member(hf_dir, INDEX), INDEX, follow=False)
-        try:
-            files = sorted(set(index["weight_map"].values()))
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise ConfigError(f"{hf_dir}/{INDEX} is not a valid index ({exc!r})") from None
-        absent = [f for f in files if f not in names]
-        if absent:
-            raise ConfigError(
-                f"{INDEX} names shards that are not in {hf_dir}: {_listing(absent)}; the "
-                "download is incomplete: fetch those files"
-            )
-        fingerprinted = ["config.json", INDEX, *files]
-    elif SINGLE in names:
-        files, fingerprinted = [SINGLE], ["config.json", SINGLE]
-    else:
-        other = [n for n in names if n.endswith(".safetensors")]
-        pickles = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
-        if other:
-            raise ConfigError(
-                f"{hf_dir} has safetensors files ({_listing(other)}) but neither {SINGLE} nor "
-                f"{INDEX}: it is not in the layout save_pretrained writes; re-save it with "
-                "transformers' save_pretrained"
-            )
-        if pickles:
-            raise ConfigError(
-                f"{hf_dir} holds PyTorch pickle weights ({_listing(pickles)}), not safetensors: "
-                "infinity reads safetensors only (unpickling can run code). Re-save them: "
-                f'python -c "from transformers import AutoModelForCausalLM as M; '
-                f"M.from_pretrained('{hf_dir}').save_pretrained('{hf_dir}-safetensors')\", "
-                "then convert that directory"
-            )
-        raise ConfigError(
-            f"{hf_dir} has no weights: no {SINGLE} or {INDEX} (it holds: {_listing(names)})"
-        )
-    real = {n: _member(hf_dir, n) for n in [*fingerprinted, *(c for c in COPIED if c in names)]}
-    for path in real.values():  # regular files, or refused before anything is written
-        os.close(open_config(path, "checkpoint file", follow=False))
-    stats = {n: os.stat(real[n]) for n in fingerprinted}
-    source = {
-        "dir": hf_dir,
-        "files": {n: {"bytes": s.st_size, "mtime_ns": s.st_mtime_ns} for n, s in stats.items()},
-    }
-    return [real[f] for f in files], source
-
-
-def _member(hf_dir: str, name: str) -> str:
-    """The real path of the checkpoint file ``name``; ConfigError for a symlink that leaves the
-    checkpoint. Allowed targets: anything inside ``hf_dir``, and for a Hugging Face cache
-    snapshot (.../models--X/snapshots/REV/NAME -> ../../blobs/HASH) a file in its blobs/."""
-    path = os.path.join(hf_dir, name)
-    real, root = os.path.realpath(path), os.path.realpath(hf_dir)
-    if os.path.commonpath([real, root]) == root:
-        return real
-    snapshots = os.path.dirname(root)
-    if os.path.basename(snapshots) == "snapshots":
-        if os.path.dirname(real) == os.path.join(os.path.dirname(snapshots), "blobs"):
-            return real
-    raise ConfigError(
-        f"{path} is a symbolic link to {real}, outside the checkpoint {hf_dir} (and not a "
-        "Hugging Face cache blob): infinity reads and copies only the checkpoint's own files; "
-        f"if you trust it, replace the link with a copy (cp --remove-destination {real} {path})"
-    )
+    return layout, {name: header[found] for name, found in read_from.items()}
 
 
 def _refuse_overlap(hf_dir: str, store_dir: str, store_paths: list[str]) -> None:
@@ -326,23 +302,45 @@ def _within(inner: str, outer: str) -> bool:
         path = parent
 
 
-def _headers(files: list[str]) -> dict[str, tuple[str, torch.dtype, tuple[int, ...]]]:
-    """name -> (file, dtype, shape) of every tensor in the safetensors files (headers only)."""
-    from safetensors import safe_open
-
-    found: dict[str, tuple[str, torch.dtype, tuple[int, ...]]] = {}
-    for path in files:
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                piece = f.get_slice(name)
-                kind = piece.get_dtype()
-                if kind not in SAFETENSORS_DTYPES:
-                    raise ConfigError(f"{name} in {path} has dtype {kind}, which is not supported")
-                if name in found:
-                    raise ConfigError(f"{name} is in both {found[name][0]} and {path}")
-                shape = tuple(int(d) for d in piece.get_shape())
-                found[name] = (path, SAFETENSORS_DTYPES[kind], shape)
-    return found
+def _check_destination(store_dir: str, paths: list[str]) -> None:
+    """Refuse, before anything is written, what the store would refuse after model.json and
+    the copies were written: STORE_DIR or a store path that exists but is no directory, one
+    whose parent is missing (other than STORE_DIR, made first), the same directory given twice
+    (by any name), a store path on tmpfs or ramfs (unless INFINITY_ALLOW_TMPFS=1)."""
+    if os.path.lexists(store_dir) and not os.path.isdir(store_dir):
+        raise ConfigError(f"STORE_DIR {store_dir} exists and is not a directory: give another")
+    seen: dict[str, str] = {}  # real path (or inode) -> the path given
+    for path in paths:
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise ConfigError(
+                f"store path {path} exists and is not a directory: a store is a directory; give "
+                "another --nvme-path"
+            )
+        parent = os.path.dirname(path)
+        if not os.path.isdir(parent) and parent != store_dir:
+            raise ConfigError(
+                f"store path {path}: its parent {parent} does not exist; create it first (mkdir "
+                "-p), or give another --nvme-path"
+            )
+        ident = os.path.realpath(path)
+        if os.path.isdir(path):
+            st = os.stat(path)
+            ident = f"{st.st_dev}:{st.st_ino}"
+        if ident in seen:
+            same = "" if seen[ident] == path else f" ({seen[ident]} and {path} are one directory)"
+            raise ConfigError(
+                f"store path {path} is given twice{same}: each --nvme-path is its own directory, "
+                "one per drive; give each once"
+            )
+        seen[ident] = path
+        point, fstype, _ = mount_of(path)
+        if fstype in MEMORY_FS and os.environ.get("INFINITY_ALLOW_TMPFS") != "1":
+            raise ConfigError(
+                f"store path {path} is on {fstype} (mounted at {point}): memory, not a disk; "
+                "a store there costs RAM twice and is gone after a reboot. Give --nvme-path (or "
+                "a STORE_DIR) on an NVMe drive (ext4 or xfs), or set INFINITY_ALLOW_TMPFS=1 for "
+                "tests"
+            )
 
 
 # -- writing helpers ------------------------------------------------------------------------------
@@ -362,9 +360,9 @@ def _to_store(tensor: torch.Tensor, record: TensorRecord):
 
 def _earlier(store_dir: str, overwrite: bool) -> ModelLayout | None:
     path = os.path.join(store_dir, LAYOUT_FILE)
-    if overwrite and os.path.exists(path):
+    if overwrite and os.path.lexists(path):
         os.remove(path)
-    return ModelLayout.load(store_dir, allow_incomplete=True) if os.path.exists(path) else None
+    return ModelLayout.load(store_dir, allow_incomplete=True) if os.path.lexists(path) else None
 
 
 def _check_same(earlier: ModelLayout, layout: ModelLayout, store_dir: str) -> None:
@@ -454,17 +452,30 @@ def _check_space(layout: ModelLayout, units: list[Unit], paths: list[str]) -> No
         )
 
 
-def _copy_metadata(hf_dir: str, store_dir: str) -> None:
-    """Copy the COPIED files present; each must be a regular file inside the checkpoint (a
-    symlink that leaves it, a FIFO, a device or a directory is refused, not skipped: a model
-    without its tokenizer is broken too)."""
+def _copy_metadata(hf_dir: str, store_dir: str, wrote: list[str]) -> None:
+    """Copy the COPIED files present, appending each destination to ``wrote``; each must be a
+    regular file inside the checkpoint (a symlink that leaves it, a FIFO, a device or a
+    directory is refused, not skipped: a model without its tokenizer is broken too). The copy
+    goes to a fresh NAME.tmp (O_EXCL, no link followed), fsync, rename."""
     for name in COPIED:
         if not os.path.lexists(os.path.join(hf_dir, name)):
             continue
-        fd = open_config(_member(hf_dir, name), name, follow=False)
-        tmp = os.path.join(store_dir, name + ".tmp")
-        with os.fdopen(fd, "rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, os.path.join(store_dir, name))
+        fd = open_config(member(hf_dir, name), name, follow=False)
+        final = os.path.join(store_dir, name)
+        tmp = final + ".tmp"
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)  # a leftover of a crash, or a planted link: the name only
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            with os.fdopen(fd, "rb") as src, os.fdopen(os.open(tmp, flags, 0o644), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+                dst.flush()
+                os.fsync(dst.fileno())
+            wrote.append(final)
+            os.replace(tmp, final)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise StorageIOError(
+                final, 0, 0, exc.errno or 0, f"cannot copy {name} into STORE_DIR: {exc.strerror}"
+            ) from None

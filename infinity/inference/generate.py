@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from infinity.errors import ConfigError
+from infinity.files import open_config
+from infinity.inference.checkpoint import COPIED
+from infinity.inference.layout import ModelLayout
 from infinity.inference.model import load
+
+VOCABULARIES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # a tokenizer needs one
 
 
 @dataclass
@@ -72,16 +79,28 @@ def generate(
     **load_kwargs,
 ) -> GenerateResult:
     """Greedy generation of ``max_new_tokens`` for ``batch_size`` copies of ``prompt``.
-    ``model``: one from ``load`` to reuse (else loaded here with ``load_kwargs`` and closed)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(store_dir)
+    ``model``: one from ``load`` to reuse (else loaded here with ``load_kwargs`` and closed).
+    Checked before anything is loaded: the prompt (text that makes tokens), the counts, that
+    ``store_dir`` holds a complete conversion and a tokenizer."""
+    if not isinstance(prompt, str) or not prompt:
+        raise ConfigError(f"the prompt is {prompt!r}: give some text to continue (--prompt TEXT)")
+    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
     own = model is None
+    if own:
+        ModelLayout.load(store_dir)  # "run infinity convert" before the tokenizer's complaint
+    tokenizer = load_tokenizer(store_dir)
     if own:
         model = load(store_dir, device=device, **load_kwargs)
     try:
         dev = model.device
         batch = tokenizer([prompt] * batch_size, return_tensors="pt").to(dev)
+        if batch["input_ids"].shape[1] == 0:
+            raise ConfigError(
+                f"the prompt {prompt!r} makes no tokens with the tokenizer in {store_dir}: give "
+                "some text to continue (--prompt TEXT)"
+            )
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         first = _FirstToken()
         _sync(dev)
@@ -107,6 +126,33 @@ def generate(
     finally:
         if own:
             model.infinity.close()
+
+
+def load_tokenizer(store_dir):
+    """The tokenizer convert copied into ``store_dir``; ConfigError naming the files when there
+    is none, one is not a regular file (a link or a FIFO there was not written by convert), or
+    transformers cannot load them."""
+    from transformers import AutoTokenizer
+
+    store_dir = os.path.abspath(store_dir)
+    present = [n for n in COPIED if os.path.lexists(os.path.join(store_dir, n))]
+    if not any(n in present for n in VOCABULARIES):
+        raise ConfigError(
+            f"{store_dir} has no tokenizer: none of {', '.join(VOCABULARIES)} is there (the "
+            "checkpoint had none to copy). Put the model's tokenizer files (tokenizer.json and "
+            "tokenizer_config.json, from its Hub repository) into the checkpoint and run "
+            f"`infinity convert` again, or copy them into {store_dir}"
+        )
+    for name in present:  # a FIFO would hang transformers' open(); a link leads elsewhere
+        os.close(open_config(os.path.join(store_dir, name), name, follow=False))
+    try:
+        return AutoTokenizer.from_pretrained(store_dir)
+    except Exception as exc:  # transformers raises many kinds for files it cannot use
+        found = ", ".join(n for n in present if n not in ("config.json", "generation_config.json"))
+        raise ConfigError(
+            f"transformers cannot load the tokenizer in {store_dir} ({found}): "
+            f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        ) from None
 
 
 def _sync(dev: torch.device) -> None:

@@ -33,12 +33,14 @@ from typing import Any
 import torch
 
 from infinity.errors import ConfigError
+from infinity.files import load_json, open_config
 
 log = logging.getLogger(__name__)
 
 LAYOUT_FILE = "model.json"
 LAYOUT_FORMAT = "infinity-model"
 LAYOUT_VERSION = 1
+MAX_LAYOUT_BYTES = 1 << 30  # model.json: ~300 bytes a tensor; 100k tensors make 30 MB
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16", "fp8")
 CASTS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -138,38 +140,59 @@ class ModelLayout:
     @classmethod
     def load(cls, store_dir: str | os.PathLike, *, allow_incomplete: bool = False) -> ModelLayout:
         """The layout of a converted model; ConfigError when there is none, it is incomplete
-        (unless ``allow_incomplete``) or it was written by a newer infinity."""
+        (unless ``allow_incomplete``), damaged, or written by a newer infinity. model.json (and,
+        for a complete model, config.json) must be regular files, not links or FIFOs."""
         store_dir = os.path.abspath(store_dir)
         path = os.path.join(store_dir, LAYOUT_FILE)
         hint = f"run `infinity convert HF_DIR {store_dir}` first"
-        if not os.path.isdir(store_dir):
+        if not os.path.lexists(store_dir):
             raise ConfigError(f"{store_dir} does not exist: it is not a converted model; {hint}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                doc = json.load(f)
-        except FileNotFoundError:
+        if not os.path.isdir(store_dir):
             raise ConfigError(
-                f"{store_dir} has no {LAYOUT_FILE}: it is not a converted model; {hint}"
-            ) from None
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read {path}: {exc}") from None
+                f"{store_dir} is not a directory: it is not a converted model; {hint}"
+            )
+        if not os.path.lexists(path):
+            raise ConfigError(
+                f"{store_dir} has no {LAYOUT_FILE}: it is not a converted model (or its "
+                f"conversion never started); {hint}"
+            )
+        doc = load_json(path, LAYOUT_FILE, MAX_LAYOUT_BYTES, follow=False)
         if not isinstance(doc, dict) or doc.get("format") != LAYOUT_FORMAT:
             raise ConfigError(f"{path} is not an infinity model layout (no format {LAYOUT_FORMAT})")
-        if int(doc.get("version", 0)) > LAYOUT_VERSION:
+        version = doc.get("version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ConfigError(f"{path} is damaged: its version is {version!r}, not a number")
+        if version > LAYOUT_VERSION:
             raise ConfigError(
                 f"{path} was written by a newer infinity (layout version {doc['version']}; this "
                 f"one reads up to {LAYOUT_VERSION}): upgrade infinity to open it"
             )
         try:
             layout = cls.from_dict(doc, store_dir)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"{path} is damaged or incomplete: {exc!r}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ConfigError(
+                f"{path} is damaged or incomplete ({exc!r}): run `infinity convert HF_DIR "
+                f"{store_dir} --overwrite` to convert again"
+            ) from None
         if not layout.complete and not allow_incomplete:
             source = layout.source.get("dir", "HF_DIR")
+            paths = layout.store_paths
+            nvme = "" if paths == [os.path.join(store_dir, "data")] else "".join(
+                f" --nvme-path {p}" for p in paths
+            )  # fmt: skip
             raise ConfigError(
-                f"the conversion in {store_dir} is incomplete (interrupted?): run `infinity "
-                f"convert {source} {store_dir} --dtype {layout.dtype}` again to finish it"
+                f"the conversion in {store_dir} is incomplete (interrupted, or it failed): run "
+                f"`infinity convert {source} {store_dir} --dtype {layout.dtype}{nvme}` again to "
+                "finish it"
             )
+        if not allow_incomplete:  # load() hands it to transformers: no FIFO, no link there
+            config = os.path.join(store_dir, "config.json")
+            if not os.path.lexists(config):
+                raise ConfigError(
+                    f"{store_dir} has no config.json (convert copies it from the checkpoint): "
+                    f"copy {layout.source.get('dir', 'HF_DIR')}/config.json into {store_dir}"
+                )
+            os.close(open_config(config, "config.json", follow=False))
         return layout
 
     def save(self, store_dir: str | os.PathLike) -> None:
