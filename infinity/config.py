@@ -17,6 +17,7 @@ Precedence for every knob: explicit argument > ``INFINITY_*`` environment variab
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Any
 from infinity.errors import ConfigError
 
 ALIGNMENT_BYTES = 4096  # O_DIRECT alignment used for buffers, offsets and sizes
+MAX_BLOCK_BYTES = 1 << 30  # AioConfig.block_size_bytes (far past it DeepSpeed's handle fails)
 MAX_LANES = 256  # AioConfig.lanes: each lane owns two bounce buffers and its handles' threads
 MAX_INTRA_OP_PARALLELISM = 256  # AioConfig.intra_op_parallelism: threads of one handle
 
@@ -68,7 +70,7 @@ def parse_size(value: int | float | str) -> int:
             )
         number, unit = float(match.group(1)), match.group(2).lower()
     nbytes = number * _UNITS[unit]
-    if nbytes < 0 or nbytes != int(nbytes):
+    if not math.isfinite(nbytes) or nbytes < 0 or nbytes != int(nbytes):
         raise ConfigError(f"size {value!r} is not a whole, non-negative number of bytes")
     return int(nbytes)
 
@@ -93,13 +95,27 @@ def _env(name: str, default: Any, kind: type) -> Any:
             return True
         if low in {"0", "false", "no", "off"}:
             return False
-        raise ConfigError(f"environment variable {name}={raw!r} is not a boolean (use 1/0)")
+        raise ConfigError(
+            f"environment variable {name}={raw!r} is not a boolean (use 1/0, true/false or yes/no)"
+        )
     if kind is int and name.endswith(("SIZE", "BUFFER", "BYTES")):
         return parse_size(raw)
     try:
         return kind(raw)
     except ValueError:
         raise ConfigError(f"environment variable {name}={raw!r} is not a {kind.__name__}") from None
+
+
+def check_bools(config, names) -> None:
+    """Each field in ``names`` of the dataclass ``config`` is a bool (True/False, not "no" or
+    1: a string such as "no" would read as true)."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, bool):
+            raise ConfigError(
+                f"{type(config).__name__}.{name} must be True or False, got {value!r} "
+                f"({type(value).__name__}); environment variables take 1/0, true/false, yes/no"
+            )
 
 
 def from_dict(cls, data: dict[str, Any]):
@@ -141,12 +157,21 @@ class AioConfig:
         for name in ("block_size_bytes", "bounce_buffer_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int):
-                object.__setattr__(self, name, parse_size(value))
+                try:
+                    object.__setattr__(self, name, parse_size(value))
+                except ConfigError as exc:
+                    raise ConfigError(f"AioConfig.{name}: {exc}") from None
         ints = ("block_size_bytes", "queue_depth", "intra_op_parallelism", "lanes")
         for name in ints:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"AioConfig.{name} must be a positive integer, got {value!r}")
+        check_bools(self, ("single_submit", "overlap_events", "use_gds"))
+        if self.block_size_bytes > MAX_BLOCK_BYTES:
+            raise ConfigError(
+                f"AioConfig.block_size_bytes={self.block_size_bytes} exceeds "
+                f"{format_size(MAX_BLOCK_BYTES)}; 1MiB to 8MiB saturate NVMe drives"
+            )
         if self.block_size_bytes % ALIGNMENT_BYTES:
             raise ConfigError(
                 f"AioConfig.block_size_bytes={self.block_size_bytes} is not a multiple of "

@@ -173,3 +173,25 @@ def test_sigkill_during_in_place_rewrites(disk_dir, verify):
         -(-SIZE // 4096)
     ), "the data file grew: rewrites were not in place"
     print(f"torn keys detected: {torn}")
+
+
+def test_a_reader_does_not_wait_for_keys_a_crashed_writer_left_listed(disk_dir):
+    """inplace.json left by a writer killed mid-rewrite lists keys nobody writes any more: with
+    a new writer alive, a reader reads them at once (verified), not after REWRITE_WAIT_S."""
+    path = os.path.join(disk_dir, "s")
+    with TieredStore.open(path, small_config()) as s:
+        s.put("k", payload("k", 1, 100_000))
+    generation = mf.read_manifest(path)["generation"]
+    mf.write_inplace(path, generation, {"k"})  # what the killed writer left
+    with TieredStore.open(path, small_config()) as writer:  # alive, rewriting nothing
+        assert mf.read_inplace(path, generation) == ({"k"}, {"k"})  # settled: nobody writes it
+        with TieredStore.open(path, small_config(), readonly=True) as reader:
+            start = time.monotonic()
+            assert torch.equal(reader.get("k"), payload("k", 1, 100_000))
+            assert time.monotonic() - start < 5
+        writer.pwrite(["k"], [payload("k", 2, 100_000)]).result()
+        assert mf.read_inplace(path, generation) == ({"k"}, set())  # rewritten by this one
+        writer.flush()
+    assert mf.read_inplace(path, generation + 1) == (set(), set())
+    with TieredStore.open(path, small_config(), readonly=True) as reader:
+        assert torch.equal(reader.get("k"), payload("k", 2, 100_000))

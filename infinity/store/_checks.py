@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
 import stat
+from collections.abc import Iterable
+
+import torch
 
 from infinity.errors import ConfigError, InfinityError, StorageIOError
+from infinity.io.aio import byte_view
 from infinity.io.fsinfo import MEMORY_FS, mount_of
 from infinity.store import manifest as mf
-from infinity.store._files import open_regular, read_file
+from infinity.store._files import io_error, open_regular, read_file
+
+# kernel interfaces, not storage: a store there would fail in odd ways (no room for files)
+PSEUDO_FS = {"proc", "sysfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs"}
+PSEUDO_FS |= {"configfs", "bpf", "pstore", "mqueue", "efivarfs", "fusectl", "binfmt_misc"}
 
 
 class StoreLockedError(InfinityError):
@@ -30,6 +37,12 @@ def check_path_arg(path) -> str:
     path = os.fspath(path)
     if not isinstance(path, str) or not path or "\0" in path:
         raise ConfigError(f"store path {path!r} is empty or holds a NUL byte")
+    try:
+        os.fsencode(path)
+    except UnicodeError:
+        raise ConfigError(
+            f"store path {path!r} cannot be a file name here (not encodable)"
+        ) from None
     return os.path.abspath(path)
 
 
@@ -70,10 +83,16 @@ def check_directory(path: str, create: bool) -> None:
         try:
             os.mkdir(path)
         except OSError as exc:
-            raise StorageIOError(
-                path, 0, 0, exc.errno or 0, f"cannot create the store directory: {exc.strerror}"
-            ) from None
+            raise io_error(exc, path, "create the store directory") from None
     point, fstype, _ = mount_of(path)
+    if fstype in PSEUDO_FS:
+        raise StorageIOError(
+            path,
+            0,
+            0,
+            errno.EINVAL,
+            f"{point} is {fstype}, a kernel interface, not storage: give a directory on a disk",
+        )
     if fstype in MEMORY_FS and os.environ.get("INFINITY_ALLOW_TMPFS") != "1":
         raise StorageIOError(
             path,
@@ -89,7 +108,10 @@ def take_lock(directory: str) -> int:
     """Lock the store's first directory for the one writer. The lock is on the directory itself
     (flock): unlike a LOCK file, it cannot be deleted or replaced out from under its holder, so
     a second writer can never open beside the first. LOCK names the holder's pid, for messages."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise io_error(exc, directory, "open the store directory") from None
     st = os.fstat(fd)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -106,13 +128,19 @@ def take_lock(directory: str) -> int:
         ) from None
     try:
         path = os.path.join(directory, mf.LOCK)
-        with contextlib.suppress(FileNotFoundError):
+        try:
             if stat.S_ISLNK(os.lstat(path).st_mode):
                 os.unlink(path)  # never write through a link; the lock is the directory's
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise io_error(exc, path, "replace the link planted as LOCK") from None
         pid_fd = open_regular(path, os.O_RDWR | os.O_CREAT)
         try:
             os.ftruncate(pid_fd, 0)
             os.pwrite(pid_fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            raise io_error(exc, path, "write the writer's pid") from None
         finally:
             os.close(pid_fd)
     except BaseException:
@@ -152,3 +180,53 @@ def _lock_holder(path: str) -> str:
     except InfinityError:
         data = b""
     return data[:64].decode(errors="replace").strip() or "unknown"
+
+
+# -- arguments of the store's calls -----------------------------------------------------------
+def host_bytes(src: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``src`` in host memory, as a flat uint8 view (a copy only if needed)."""
+    return byte_view(src.contiguous() if src.device.type == "cpu" else src.to("cpu"))
+
+
+def listed(verb: str, what: str, items) -> list:
+    """``items`` (a list, tuple or other iterable of them) as a list; a str, a tensor or None
+    is refused rather than taken apart."""
+    if isinstance(items, str | bytes | torch.Tensor) or not isinstance(items, Iterable):
+        raise ConfigError(
+            f"{verb} takes a list of {what}, got a {type(items).__name__}; wrap one in a list"
+        )
+    return list(items)
+
+
+def pairs(verb: str, keys, items, what: str) -> tuple[list, list]:
+    keys, items = listed(verb, "keys", keys), listed(verb, f"{what}s", items)
+    if len(keys) != len(items):
+        raise ConfigError(
+            f"{verb} needs one {what} per key: {len(keys)} keys, {len(items)} {what}s"
+        )
+    return keys, items
+
+
+def dense(key: str, tensor) -> torch.Tensor:
+    """The plain strided tensor a put stores (conjugate and negative views resolved)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise ConfigError(f"put({key!r}) expects a torch.Tensor, got {type(tensor).__name__}")
+    kind = (
+        "a quantized"
+        if tensor.is_quantized
+        else "a nested"
+        if tensor.is_nested
+        else "a meta"
+        if tensor.is_meta
+        else f"a {tensor.layout}"
+        if tensor.layout != torch.strided
+        else f"a {tensor.device.type}"
+        if tensor.device.type not in ("cpu", "cuda")
+        else None
+    )
+    if kind is not None:
+        raise ConfigError(
+            f"put({key!r}): {kind} tensor has no plain bytes to store; put a dense CPU or CUDA "
+            "tensor (dequantize(), todense(), or the real data instead of the meta device)"
+        )
+    return tensor.detach().resolve_conj().resolve_neg()

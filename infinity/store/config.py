@@ -6,8 +6,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from infinity.config import AioConfig, from_dict, from_env, parse_size
+from infinity.config import AioConfig, check_bools, format_size, from_dict, from_env, parse_size
 from infinity.errors import ConfigError
+
+MAX_SIZE_BYTES = 1 << 50  # a tier budget or stripe size past any machine (1 PiB): a typo
+MAX_IO_THREADS = 256
 
 
 def _store_aio() -> AioConfig:
@@ -36,17 +39,39 @@ class StoreConfig:
 
     def __post_init__(self) -> None:
         for name in ("gpu_bytes", "pinned_bytes", "stripe_min_bytes"):
-            value = getattr(self, name)
+            value = raw = getattr(self, name)
             if isinstance(value, str):
-                object.__setattr__(self, name, parse_size(value))
-            elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"StoreConfig.{name} must be a size >= 0, got {value!r}")
+                try:
+                    value = parse_size(value)
+                except ConfigError as exc:
+                    raise ConfigError(f"StoreConfig.{name}: {exc}") from None
+                object.__setattr__(self, name, value)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"StoreConfig.{name} must be a size >= 0, got {_shown(value)}")
+            if value > MAX_SIZE_BYTES:
+                raise ConfigError(
+                    f"StoreConfig.{name}={_shown(raw)} (about 2**{value.bit_length() - 1} bytes) "
+                    f"is over {format_size(MAX_SIZE_BYTES)}, more than any machine has: check the "
+                    "value (sizes take units, such as '8GiB')"
+                )
         if isinstance(self.aio, dict):
             object.__setattr__(self, "aio", AioConfig.from_dict(self.aio))
+        if not isinstance(self.aio, AioConfig):
+            raise ConfigError(
+                f"StoreConfig.aio must be an AioConfig (or a dict of its fields), got "
+                f"{self.aio!r} ({type(self.aio).__name__})"
+            )
+        check_bools(self, ("verify_checksums",))
         if self.stripe_min_bytes < 4096:
             raise ConfigError(f"StoreConfig.stripe_min_bytes={self.stripe_min_bytes} < 4096")
-        if not isinstance(self.io_threads, int) or self.io_threads < 1:
-            raise ConfigError(f"StoreConfig.io_threads must be >= 1, got {self.io_threads!r}")
+        threads = self.io_threads
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ConfigError(f"StoreConfig.io_threads must be >= 1, got {threads!r}")
+        if threads > MAX_IO_THREADS:
+            raise ConfigError(
+                f"StoreConfig.io_threads={threads} exceeds {MAX_IO_THREADS}; the aio lanes do "
+                "the I/O, a few threads keep them busy (4 is the default)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -54,6 +79,13 @@ class StoreConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StoreConfig:
         return from_dict(cls, data)
+
+
+def _shown(value) -> str:
+    """``repr(value)``, but an int too long to print is named by its size."""
+    if isinstance(value, int) and abs(value).bit_length() > 128:
+        return f"an integer of {value.bit_length()} bits"
+    return repr(value)
 
 
 @dataclass

@@ -25,7 +25,7 @@ import xxhash
 
 from infinity.config import ALIGNMENT_BYTES
 from infinity.errors import ConfigError, IntegrityError
-from infinity.store._files import check_name, read_file
+from infinity.store._files import check_name, io_error, read_file
 
 FORMAT = "infinity-store"
 FORMAT_VERSION = 1
@@ -51,7 +51,7 @@ def dtype_from_name(name: str) -> torch.dtype:
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
         raise ConfigError(
-            f"manifest names dtype {name!r}, which this torch {torch.__version__} lacks"
+            f"manifest names dtype {_short(name)}, which this torch {torch.__version__} lacks"
         )
     return dtype
 
@@ -113,7 +113,7 @@ class Entry:
             return cls._parse(key, rec, file_count)
         except (IntegrityError, KeyError, TypeError, ValueError, OverflowError) as exc:
             problem = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
-            prefix = f"manifest record of key {key!r} is invalid: "
+            prefix = f"manifest record of key {_short(key)} is invalid: "
             raise IntegrityError(
                 problem if problem.startswith(prefix) else prefix + problem
             ) from None
@@ -121,8 +121,10 @@ class Entry:
     @classmethod
     def _parse(cls, key: str, rec: Any, file_count: int) -> Entry:
         def bad(problem: str) -> IntegrityError:
-            return IntegrityError(f"manifest record of key {key!r} is invalid: {problem}")
+            return IntegrityError(f"manifest record of key {_short(key)} is invalid: {problem}")
 
+        if not isinstance(key, str) or not key:
+            raise bad("a key is a non-empty string")
         if not isinstance(rec, dict):
             raise bad(f"a record is an object, got {type(rec).__name__}")
         dtype = dtype_from_name(_typed(rec["dtype"], str, "dtype"))
@@ -137,7 +139,7 @@ class Entry:
         extents = []
         for item in _typed(rec["extents"], list, "extents"):
             if not isinstance(item, list) or len(item) != 3:
-                raise bad(f"an extent is [file, offset, nbytes], got {item!r}")
+                raise bad(f"an extent is [file, offset, nbytes], got {_short(item)}")
             file, offset, size = (_count(v, "extent") for v in item)
             if file >= file_count:
                 raise bad(f"extent in file {file}, but the store has {file_count} files")
@@ -161,7 +163,7 @@ def _typed(value, kind: type, what: str):
 
 def _count(value, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_FILE_BYTES:
-        raise IntegrityError(f"{what} value {value!r} is not an integer in [0, 2**50]")
+        raise IntegrityError(f"{what} value {_short(value)} is not an integer in [0, 2**50]")
     return value
 
 
@@ -210,17 +212,30 @@ def decode(raw: bytes, path: str) -> dict[str, Any]:
         raise IntegrityError(f"{path}: the manifest body is not an object")
     if doc.get("format") != FORMAT:
         raise ConfigError(
-            f"{path} is not an infinity store manifest (format {doc.get('format')!r})"
+            f"{path} is not an infinity store manifest (format {_short(doc.get('format'))})"
         )
-    version = doc.get("version", 0)
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise IntegrityError(f"{path}: format version {version!r} is not an integer")
+    if "version" not in doc:
+        raise IntegrityError(f"{path}: the manifest lacks the field 'version'")
+    version = doc["version"]
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise IntegrityError(
+            f"{path}: format version {_short(version)} is not an integer >= 1: the manifest is "
+            "damaged or was tampered with"
+        )
     if version > FORMAT_VERSION:
         raise ConfigError(
-            f"{path} was written by a newer infinity (format version {doc['version']}; this one "
+            f"{path} was written by a newer infinity (format version {_short(version)}; this one "
             f"reads up to {FORMAT_VERSION}): upgrade infinity to open it"
         )
     return check_doc(doc, path)
+
+
+def _short(value, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a manifest may hold anything)."""
+    if isinstance(value, int) and abs(value).bit_length() > 128:
+        return f"<an integer of {value.bit_length()} bits>"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def fsync_dir(directory: str) -> None:
@@ -234,7 +249,8 @@ def fsync_dir(directory: str) -> None:
 def write_atomic(directory: str, name: str, payload: bytes) -> None:
     """Write, fsync, rename, fsync the directory: readers see the old or the new file. The
     temporary file is created afresh (O_EXCL, no link followed): a link left in its place is
-    removed, never written through."""
+    removed, never written through. A failure (a full disk, a read-only filesystem) is a
+    StorageIOError that leaves the old file in place and no temporary file behind."""
     final = os.path.join(directory, name)
     tmp = final + ".tmp"
     try:
@@ -243,17 +259,49 @@ def write_atomic(directory: str, name: str, payload: bytes) -> None:
         pass
     except IsADirectoryError:
         raise ConfigError(f"{tmp} is a directory; remove it (the store writes that name)") from None
+    except OSError as exc:
+        raise io_error(exc, tmp, f"remove the leftover {tmp}") from None
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(tmp, flags, 0o644)
     try:
-        view = memoryview(payload)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, final)
-    fsync_dir(directory)
+        fd = os.open(tmp, flags, 0o644)
+    except OSError as exc:
+        raise io_error(exc, tmp, f"create {name}", len(payload)) from None
+    try:
+        try:
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass  # the write's error is the one to report
+        raise io_error(exc, final, f"write {name} ({len(payload)} bytes)", len(payload)) from None
+    try:
+        fsync_dir(directory)
+    except OSError as exc:
+        raise io_error(exc, directory, f"fsync the directory after writing {name}") from None
+
+
+def commit_token(directory: str):
+    """Identity of the committed state in ``directory``: (inode, times, size) of the manifest
+    and of the in-place record; None when there is no manifest. A reader compares tokens to
+    know whether a commit landed while it read."""
+    token = []
+    for name in (MANIFEST, INPLACE):
+        try:
+            st = os.stat(os.path.join(directory, name))
+        except FileNotFoundError:
+            if name == MANIFEST:
+                return None
+            token.append(None)
+            continue
+        token.append((st.st_ino, st.st_ctime_ns, st.st_mtime_ns, st.st_size))
+    return tuple(token)
 
 
 def read_manifest(directory: str) -> dict[str, Any] | None:
@@ -262,32 +310,40 @@ def read_manifest(directory: str) -> dict[str, Any] | None:
     return None if raw is None else decode(raw, path)
 
 
-def write_inplace(directory: str, generation: int, keys) -> None:
+def write_inplace(directory: str, generation: int, keys, settled=()) -> None:
     """Record, durably and before the first byte is written, the keys about to be rewritten in
     place after the commit of ``generation``: after a crash their data may be old, new or torn
-    while the manifest still holds the old checksum, so they are always read verified."""
+    while the manifest still holds the old checksum, so they are always read verified.
+    ``settled``: those of ``keys`` that nobody is writing (torn by a crash or a failed write):
+    a reader reads them verified at once rather than wait for the writer's next commit."""
     if keys:
         doc = {"generation": generation, "keys": sorted(keys)}
+        if settled:
+            doc["settled"] = sorted(set(settled) & set(keys))
         write_atomic(directory, INPLACE, encode(doc))
     else:
+        path = os.path.join(directory, INPLACE)
         try:
-            os.unlink(os.path.join(directory, INPLACE))
+            os.unlink(path)
         except FileNotFoundError:
             pass
+        except OSError as exc:
+            raise io_error(exc, path, f"remove {INPLACE}") from None
 
 
-def read_inplace(directory: str, generation: int) -> set[str]:
+def read_inplace(directory: str, generation: int) -> tuple[set[str], set[str]]:
     """The keys ``write_inplace`` listed for ``generation``, or for the next one (a flush lists
-    them for the generation it is about to commit, before committing it); an older record is
-    stale."""
+    them for the generation it is about to commit, before committing it), and the settled ones
+    among them; an older record is stale."""
     path = os.path.join(directory, INPLACE)
     raw = read_file(path, missing_ok=True)
     if raw is None:
-        return set()
+        return set(), set()
     doc = decode_body(raw, path)
     if not isinstance(doc, dict) or doc.get("generation") not in (generation, generation + 1):
-        return set()
-    keys = doc.get("keys")
-    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-        raise IntegrityError(f"{path} is damaged: its keys are not a list of names")
-    return set(keys)
+        return set(), set()
+    keys, settled = doc.get("keys"), doc.get("settled", [])
+    for names in (keys, settled):
+        if not isinstance(names, list) or not all(isinstance(k, str) for k in names):
+            raise IntegrityError(f"{path} is damaged: its keys are not a list of names")
+    return set(keys), set(settled) & set(keys)

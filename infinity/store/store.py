@@ -9,14 +9,44 @@ Call order:
   the checksum, and copy pinned -> GPU on the tier's copy stream (the caller's stream waits on an
   event, so compute on the default stream overlaps the copy).
 - ``flush``: fsync the data files, then commit the manifest atomically (manifest.py).
+
+Guarantees
+----------
+A crash (kill -9, or power loss on a drive that honours fsync) at any instant:
+- loses nothing that ``flush`` (or ``close``) returned for: the store reopens in the state of
+  the last flush that returned, or of the one under way at the crash, never a mix of two
+  (copy-on-write extents, manifest written to a temporary file, fsynced and renamed);
+- a key rewritten in place by ``pwrite`` since the last flush reads as its old value or raises
+  IntegrityError naming it, never as mixed bytes (inplace.json lists it before its first byte
+  changes; it is read verified); ``fsck`` names it; put or pwrite it again to repair it;
+- a creation cut short is done again on the next open.
+Readers (``readonly=True``, any number, in any process) never write; each ``get`` returns one
+committed version of the key, whole, never a mix and never a false IntegrityError, following the
+writer's commits as they land (a key being rewritten in place is read after the writer's next
+commit, or at once, verified, if the writer died). A second writer is refused (StoreLockedError):
+the lock is an flock on the first directory, released when its holder exits or dies; deleting
+LOCK does not lift it. A damaged or tampered store: a manifest that fails its checksum or its
+format is one IntegrityError (ConfigError if written by a newer version) naming the file; a bad
+record (fields, sizes, extents out of range or over another key's) fails only its key, with
+IntegrityError, and ``fsck``/``damaged()`` name it; changed data bytes are an IntegrityError on
+read. Whatever its files say, the store opens, reads, writes and deletes only its own files: no
+link is followed, data file names are plain names other than its records, FIFOs and devices are
+refused without blocking. Every error is an InfinityError subclass; a full disk is a
+StorageIOError (ENOSPC, with the free space) that leaves the last commit in place, and after a
+failed ``flush`` the store keeps working and a later flush commits everything. ``close`` waits
+for the calls in flight; later calls raise InfinityError.
+Not covered: a drive that acknowledges writes it has not made durable; bytes changed on disk
+when ``verify_checksums=False`` (only keys rewritten in place since a crash are always
+verified); someone who rewrites data and checksums consistently (checksums are not signatures);
+the data of a damaged record, which is not recovered.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,15 +71,20 @@ from infinity.store._checks import (
     check_distinct,
     check_key,
     check_path_arg,
+    dense,
+    host_bytes,
+    listed,
+    pairs,
     release_lock,
     take_lock,
     writer_alive,
 )
-from infinity.store._files import open_regular, read_file
+from infinity.store._files import io_error, open_regular
 from infinity.store.checksum import CHUNK_BYTES, ChunkHasher, scheme_of
 from infinity.store.config import StoreConfig, StoreStats
 from infinity.store.extents import SpaceMap
 from infinity.store.manifest import Entry
+from infinity.store.members import check_members, create
 from infinity.store.pieces import transfer
 from infinity.store.tiers import GpuTier, PinnedTier, copy_to_gpu, touch
 
@@ -107,6 +142,7 @@ class TieredStore:
         self._flush_lock = threading.Lock()
         self._lock_fd: int | None = None
         self._closed = True
+        self._calls = 0  # public calls in flight: close() waits for them
         for path in self.paths:
             check_directory(path, create=not readonly)
         check_distinct(self.paths)
@@ -125,7 +161,7 @@ class TieredStore:
             )
             self._hashers = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="infinity-hash")
         except BaseException:
-            self._release_lock()
+            self._release()  # what was made so far (a pinned tier too big: the engine's pool)
             raise
         self._stats = StoreStats()
         aio = config.aio  # one full block per handle thread, rounded to whole checksum chunks
@@ -139,30 +175,35 @@ class TieredStore:
         if doc is None:
             if self.readonly:
                 raise ConfigError(f"no infinity store at {self.paths[0]} (no {mf.MANIFEST})")
-            doc = self._create()
-        self._check_members(doc)
+            doc = create(self.paths)
+        check_members(self.paths, doc)
         self._store_id = doc["store_id"]
         self._files = [os.path.join(p, n) for p, n in zip(self.paths, doc["files"], strict=True)]
         self._space = SpaceMap(len(self.paths), self.config.stripe_min_bytes)
         self._pending_free: list[Entry] = []
         self._dirty = False
         self._adopt(doc)
-        self._token = self._manifest_token()
+        self._token = mf.commit_token(self.paths[0])
         self._inplace: set[str] = set()  # keys rewritten in place since the last commit
+        self._torn: set[str] = set()  # of those, the ones nobody writes (a crash, a failure)
         self._rewriting: set[str] = set()  # read-only: keys the live writer rewrites in place
-        self._note_inplace(mf.read_inplace(self.paths[0], self._generation))
+        self._note_inplace(*mf.read_inplace(self.paths[0], self._generation))
+        if self._inplace:  # a crashed writer's: tell readers that nobody is writing them now
+            mf.write_inplace(self.paths[0], self._generation, self._inplace, self._torn)
 
-    def _note_inplace(self, keys: set[str]) -> None:
+    def _note_inplace(self, keys: set[str], settled: set[str]) -> None:
         """Keys listed as rewritten in place since the committed generation: their bytes may
         be torn (a crash, or a writer still at it), so they are read verified; a read-only
-        reader waits for the live writer's next commit before reading them."""
+        reader waits for the live writer's next commit before reading those it is writing
+        (not ``settled``)."""
+        keys = {k for k in keys if k in self._entries}
         for key in keys:
-            if key in self._entries:
-                self._entries[key].suspect = True
+            self._entries[key].suspect = True
         if self.readonly:
-            self._rewriting = keys if keys and writer_alive(self.paths[0]) else set()
-        else:
-            self._inplace = set(keys)
+            live = keys - settled
+            self._rewriting = live if live and writer_alive(self.paths[0]) else set()
+        else:  # a writer opening: whatever is listed was left by a crash
+            self._inplace, self._torn = set(keys), set(keys)
 
     def _adopt(self, doc: dict) -> None:
         """Take the manifest's records as this store's entries. A record that cannot be right
@@ -182,86 +223,29 @@ class TieredStore:
                 continue
             self._entries[key] = entry
 
-    def _create(self) -> dict:
-        """A new store: member records on every path, then the first manifest (the commit). A
-        creation killed before its manifest left members and no data: it is done again."""
-        count = len(self.paths)
-        for i, path in enumerate(self.paths):
-            member_path = os.path.join(path, mf.MEMBER)
-            raw = read_file(member_path, missing_ok=True)
-            if raw is None:
-                continue
-            member = mf.decode_body(raw, member_path)
-            member = member if isinstance(member, dict) else {}
-            ours = member.get("index") == i and member.get("count") == count
-            if not ours:
-                raise ConfigError(
-                    f"{path} already holds stripe {member.get('index')} of store "
-                    f"{member.get('store_id')}, but was given as stripe {i}: pass the paths in "
-                    "the order the store was created with"
-                )
-            data = [f for f in os.listdir(path) if f not in (mf.MEMBER, mf.LOCK)]
-            data = [f for f in data if not f.endswith(".tmp")]
-            if any(os.lstat(os.path.join(path, f)).st_size for f in data):
-                raise ConfigError(
-                    f"{path} is stripe {i} of store {member.get('store_id')} but "
-                    f"{self.paths[0]} has no {mf.MANIFEST}, and {path} holds data "
-                    f"({', '.join(sorted(data))}): the manifest was deleted or the first path "
-                    "is wrong; restore manifest.json, or delete the directories to start over"
-                )
-        doc = {
-            "format": mf.FORMAT,
-            "version": mf.FORMAT_VERSION,
-            "store_id": uuid.uuid4().hex,
-            "generation": 0,
-            "files": ["data.bin"] * count,
-            "entries": {},
-        }
-        for i, path in enumerate(self.paths):
-            member = {"store_id": doc["store_id"], "index": i, "count": count}
-            mf.write_atomic(path, mf.MEMBER, mf.encode(member))
-        mf.write_atomic(self.paths[0], mf.MANIFEST, mf.encode(doc))
-        return doc
-
-    def _check_members(self, doc: dict) -> None:
-        count = len(doc["files"])
-        if count != len(self.paths):
-            raise ConfigError(
-                f"store {self.paths[0]} spans {count} paths; {len(self.paths)} were given"
-            )
-        for i, path in enumerate(self.paths):
-            member_path = os.path.join(path, mf.MEMBER)
-            member = mf.decode_body(read_file(member_path), member_path)
-            member = member if isinstance(member, dict) else {}
-            if member.get("store_id") != doc["store_id"] or member.get("index") != i:
-                raise ConfigError(
-                    f"{path} is stripe {member.get('index')} of store {member.get('store_id')}, "
-                    f"but was given as stripe {i} of store {doc['store_id']}: pass the paths in "
-                    "the order the store was created with"
-                )
-
     # -- public API ---------------------------------------------------------------------------
     def put(self, key: str, tensor: torch.Tensor, tier: str = "nvme") -> None:
         """Store ``tensor`` under ``key`` (durable after ``flush``) and keep a copy in ``tier``."""
-        self._writable()
-        check_key(key)
-        if tier not in TIERS:
-            raise ConfigError(f"tier must be one of {TIERS}, got {tier!r}")
-        src = _dense(key, tensor)
-        device = src.device if src.is_cuda else None
-        budget = {"cpu": self.config.pinned_bytes, "gpu": self.config.gpu_bytes}.get(tier)
-        if budget is not None and src.nbytes > budget:
-            raise CapacityError(
-                f"put({key!r}, tier={tier!r}): {format_size(src.nbytes)} exceeds the whole "
-                f"{tier} tier ({format_size(budget)}); raise StoreConfig."
-                f"{'pinned_bytes' if tier == 'cpu' else 'gpu_bytes'} or put it with tier='nvme'"
-            )
-        raw = _host_bytes(src)
-        entry = self._write_new(key, src, raw)
-        if tier == "cpu":
-            self._ensure_cpu(entry, source=raw)
-        elif tier == "gpu":
-            self._ensure_gpu(entry, device or parse_device("cuda"), source=src)
+        with self._call(write=True):
+            check_key(key)
+            if not isinstance(tier, str) or tier not in TIERS:
+                raise ConfigError(f"tier must be one of {TIERS}, got {tier!r}")
+            src = dense(key, tensor)
+            device = src.device if src.is_cuda else None
+            budget = {"cpu": self.config.pinned_bytes, "gpu": self.config.gpu_bytes}.get(tier)
+            if budget is not None and src.nbytes > budget:
+                raise CapacityError(
+                    f"put({key!r}, tier={tier!r}): {format_size(src.nbytes)} exceeds the whole "
+                    f"{tier} tier ({format_size(budget)}); raise StoreConfig."
+                    f"{'pinned_bytes' if tier == 'cpu' else 'gpu_bytes'} or put it with "
+                    "tier='nvme'"
+                )
+            raw = host_bytes(src)
+            entry = self._write_new(key, src, raw)
+            if tier == "cpu":
+                self._ensure_cpu(entry, source=raw)
+            elif tier == "gpu":
+                self._ensure_gpu(entry, device or parse_device("cuda"), source=src)
 
     def pwrite(self, keys: Iterable[str], tensors: Iterable[torch.Tensor]) -> Future:
         """Write each tensor under its key in the background; durable after ``flush``. A key
@@ -275,22 +259,21 @@ class TieredStore:
         verified whatever ``verify_checksums`` says. Keys not written since the last flush read
         back exactly. Tier copies of a rewritten key are dropped (pass CPU tensors, ideally
         pinned: a CUDA tensor is first copied to pageable memory)."""
-        self._writable()
-        keys, tensors = list(keys), list(tensors)
-        if len(keys) != len(tensors):
-            raise ConfigError(f"pwrite needs one tensor per key: {len(keys)} keys, {len(tensors)}")
-        items = []
-        for key, tensor in zip(keys, tensors, strict=True):
-            check_key(key)
-            src = _dense(key, tensor)
-            items.append((key, src, _host_bytes(src)))
-        with self._lock:
-            same = {k for k, _, raw in items if self._same_size(k, raw.numel())}
-            if not same <= self._inplace:  # listed durably before the first byte changes
-                mf.write_inplace(self.paths[0], self._generation, self._inplace | same)
-                self._inplace |= same
-        jobs = [partial(self._write_one, *item) for item in items]
-        return self._in_order(jobs, window=self.config.aio.lanes)
+        with self._call(write=True):
+            keys, tensors = pairs("pwrite", keys, tensors, "tensor")
+            items = []
+            for key, tensor in zip(keys, tensors, strict=True):
+                check_key(key)
+                src = dense(key, tensor)
+                items.append((key, src, host_bytes(src)))
+            with self._lock:
+                same = {k for k, _, raw in items if self._same_size(k, raw.numel())}
+                if not same <= self._inplace - self._torn:  # listed before a byte changes
+                    keys_now, torn_now = self._inplace | same, self._torn - same
+                    mf.write_inplace(self.paths[0], self._generation, keys_now, torn_now)
+                    self._inplace, self._torn = keys_now, torn_now
+            jobs = [partial(self._write_one, *item) for item in items]
+            return self._in_order(jobs, window=self.config.aio.lanes)
 
     def _same_size(self, key: str, nbytes: int) -> bool:
         entry = self._entries.get(key)
@@ -319,6 +302,8 @@ class TieredStore:
             with self._lock:
                 entry.writing = False
                 entry.suspect = not ok  # torn by the failure: reads check, and fail, loudly
+                if not ok:
+                    self._torn.add(key)
                 if ok:
                     entry.dtype, entry.shape = src.dtype, tuple(src.shape)
                     entry.checksum, entry.version = hasher.digest(), entry.version + 1
@@ -358,44 +343,43 @@ class TieredStore:
     def get(self, key: str, device="cpu") -> torch.Tensor:
         """A tensor equal to what was put. On the GPU, a GPU-resident key returns its resident
         tensor (treat it as read-only); everything else is a new tensor."""
-        dev = parse_device(device)
-        start = time.perf_counter()
-        if dev.type == "cuda":
-            entry, (result, ready) = self._reading(
-                key, lambda e: self._ensure_gpu(e, dev, admit=False)
-            )
-            torch.cuda.current_stream(dev).wait_event(ready)
-        else:
-            entry, result = self._reading(key, self._read_cpu)
-        self._stats.stall_s += time.perf_counter() - start
-        return _typed(result, entry)
+        with self._call():
+            check_key(key)
+            dev = parse_device(device)
+            start = time.perf_counter()
+            if dev.type == "cuda":
+                entry, (result, ready) = self._reading(
+                    key, lambda e: self._ensure_gpu(e, dev, admit=False)
+                )
+                torch.cuda.current_stream(dev).wait_event(ready)
+            else:
+                entry, result = self._reading(key, self._read_cpu)
+            self._stats.stall_s += time.perf_counter() - start
+            return _typed(result, entry)
 
     def prefetch(self, keys: str | Iterable[str], tier: str = "cpu") -> Future:
         """Make keys resident in ``tier`` ("cpu" or "gpu") in the background."""
-        if tier not in ("cpu", "gpu"):
-            raise ConfigError(f"prefetch tier must be 'cpu' or 'gpu', got {tier!r}")
-        keys = [keys] if isinstance(keys, str) else list(keys)
-        for key in keys:
-            self._entry(key)  # unknown keys fail here, not in the background
-        dev = parse_device("cuda") if tier == "gpu" else None
+        with self._call():
+            if not isinstance(tier, str) or tier not in ("cpu", "gpu"):
+                raise ConfigError(f"prefetch tier must be 'cpu' or 'gpu', got {tier!r}")
+            keys = [keys] if isinstance(keys, str) else listed("prefetch", "keys", keys)
+            for key in keys:
+                self._entry(key)  # unknown keys fail here, not in the background
+            dev = parse_device("cuda") if tier == "gpu" else None
 
-        def load(entry: Entry) -> None:
-            if dev is None:
-                self._ensure_cpu(entry)
-            else:
-                self._ensure_gpu(entry, dev)
+            def load(entry: Entry) -> None:
+                if dev is None:
+                    self._ensure_cpu(entry)
+                else:
+                    self._ensure_gpu(entry, dev)
 
-        return self._in_order([partial(self._reading, k, load) for k in dict.fromkeys(keys)])
+            return self._in_order([partial(self._reading, k, load) for k in dict.fromkeys(keys)])
 
     def pread(self, keys: Iterable[str], outs: Iterable[torch.Tensor]) -> Future:
         """Read each key from NVMe into the caller's CPU buffer (pinned for full speed; at least
         the key's nbytes, any dtype), checksums verified, in the background. The tiers are
         neither used nor changed: for executors that manage their own buffers."""
-        keys, outs = list(keys), list(outs)
-        if len(keys) != len(outs):
-            raise ConfigError(
-                f"pread needs one buffer per key: {len(keys)} keys, {len(outs)} buffers"
-            )
+        keys, outs = pairs("pread", keys, outs, "buffer")
 
         def check(entry: Entry, raw: torch.Tensor) -> torch.Tensor:
             if raw.device.type != "cpu" or raw.numel() < entry.nbytes:
@@ -405,17 +389,18 @@ class TieredStore:
                 )
             return raw[: entry.nbytes]
 
-        jobs = []
-        for key, out in zip(keys, outs, strict=True):
-            if not isinstance(out, torch.Tensor):
-                raise ConfigError(
-                    f"pread of {key!r}: buffers are tensors, got {type(out).__name__}"
-                )
-            raw = byte_view(out)
-            check(self._entry(key), raw)  # a wrong buffer fails here, not in the background
-            read = partial(lambda raw, e: self._load_bytes(e, check(e, raw)), raw)
-            jobs.append(partial(self._reading, key, read))
-        return self._in_order(jobs)
+        with self._call():
+            jobs = []
+            for key, out in zip(keys, outs, strict=True):
+                if not isinstance(out, torch.Tensor):
+                    raise ConfigError(
+                        f"pread of {key!r}: buffers are tensors, got {type(out).__name__}"
+                    )
+                raw = byte_view(out)
+                check(self._entry(key), raw)  # a wrong buffer fails here, not in the background
+                read = partial(lambda raw, e: self._load_bytes(e, check(e, raw)), raw)
+                jobs.append(partial(self._reading, key, read))
+            return self._in_order(jobs)
 
     def _in_order(self, jobs, window: int = PREFETCH_WINDOW) -> Future:
         """Run the jobs, started in order, ``window`` at a time, so that one key's last pieces
@@ -441,26 +426,33 @@ class TieredStore:
 
     def evict(self, key: str, tier: str = "cpu") -> None:
         """Drop the copy of ``key`` held in ``tier``; the NVMe copy stays."""
-        if tier not in ("cpu", "gpu"):
+        if not isinstance(tier, str) or tier not in ("cpu", "gpu"):
             raise ConfigError(
                 f"evict tier must be 'cpu' or 'gpu' (NVMe holds the data: use delete), got {tier!r}"
             )
-        entry = self._entry(key)
-        with self._lock:
-            while tier == "cpu" and (entry.busy or entry.loading):  # readers finish first
-                self.cpu.changed.wait()
-            (self.cpu if tier == "cpu" else self.gpu).drop(entry)
+        with self._call():
+            entry = self._entry(key)
+            with self._lock:
+                while tier == "cpu" and (entry.busy or entry.loading):  # readers finish first
+                    self.cpu.changed.wait()
+                (self.cpu if tier == "cpu" else self.gpu).drop(entry)
 
     def delete(self, key: str) -> None:
-        self._writable()
-        with self._lock:
+        with self._call(write=True), self._lock:
             entry = self._entry(key)
             self._forget(entry)
             del self._entries[key]
+            self._torn.discard(key)
             self._dirty = True
 
+    def damaged(self) -> dict[str, str]:
+        """{key: problem} of the manifest's records that cannot be right (bad fields, extents
+        over another key's): their keys raise IntegrityError and are not in ``keys()``. No data
+        is read; ``fsck`` reads every key and reports these too."""
+        return dict(self._bad)
+
     def __contains__(self, key: object) -> bool:
-        return key in self._entries
+        return isinstance(key, str) and key in self._entries
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -470,12 +462,18 @@ class TieredStore:
             return list(self._entries)
 
     def entry(self, key: str) -> EntryInfo:
-        e = self._entry(key)
+        with self._call():
+            e = self._entry(key)
         return EntryInfo(e.key, e.dtype, e.shape, e.nbytes, e.tiers, e.checksum, e.version)
 
     def flush(self) -> None:
-        """Everything put so far is durable on NVMe when this returns."""
-        self._writable()
+        """Everything put so far is durable on NVMe when this returns. On a failure (a full
+        disk: StorageIOError with the free space) nothing is lost: the committed state on disk
+        stays the previous one, the store keeps working, and a later flush commits it all."""
+        with self._call(write=True):
+            self._commit()
+
+    def _commit(self) -> None:
         with self._flush_lock, self._lock:
             if not self._dirty:
                 return
@@ -484,6 +482,8 @@ class TieredStore:
                     fd = open_regular(path, os.O_RDONLY)
                     try:
                         os.fsync(fd)
+                    except OSError as exc:
+                        raise io_error(exc, path, "fsync the data file") from None
                     finally:
                         os.close(fd)
             doc = {
@@ -495,7 +495,7 @@ class TieredStore:
                 "entries": {k: e.to_record() for k, e in self._entries.items()},
             }
             if self._inplace:  # listed for the new generation too, before it is committed
-                mf.write_inplace(self.paths[0], self._generation + 1, self._inplace)
+                mf.write_inplace(self.paths[0], self._generation + 1, self._inplace, self._torn)
             mf.write_atomic(self.paths[0], mf.MANIFEST, mf.encode(doc))
             self._generation += 1
             for old in self._pending_free:  # extents a read still uses are freed after it
@@ -504,16 +504,21 @@ class TieredStore:
                 else:
                     self._space.free(old.extents)
             self._pending_free = []
+            self._dirty = False
             # in-place writes still running, or torn by a failure, stay listed past the commit
             live = {k for k in self._inplace if _unsettled(self._entries.get(k))}
+            self._torn &= live
             if live != self._inplace:
-                mf.write_inplace(self.paths[0], self._generation, live)
-            self._inplace = live
-            self._dirty = False
+                self._inplace = live
+                mf.write_inplace(self.paths[0], self._generation, live, self._torn)
 
     def fsck(self) -> dict[str, str]:
         """Read every key from NVMe and check its checksum and extents: {key: problem}, the
         manifest's invalid records included."""
+        with self._call():
+            return self._fsck()
+
+    def _fsck(self) -> dict[str, str]:
         problems: dict[str, str] = dict(self._bad)
         sizes = [os.lstat(f).st_size if os.path.lexists(f) else 0 for f in self._files]
 
@@ -538,21 +543,24 @@ class TieredStore:
     def compact(self) -> int:
         """Flush, then give back the free space at the end of each data file; returns bytes
         released. (Free space between extents is reused by later puts.)"""
-        self.flush()
-        released = 0
-        with self._lock:
-            for i, path in enumerate(self._files):
-                if not os.path.lexists(path):
-                    continue
-                fd = open_regular(path, os.O_WRONLY)
-                try:
-                    keep, size = self._space.high_water(i), os.fstat(fd).st_size
-                    if size > keep:
-                        os.ftruncate(fd, keep)
-                        released += size - keep
-                finally:
-                    os.close(fd)
-        return released
+        with self._call(write=True):
+            self._commit()
+            released = 0
+            with self._lock:
+                for i, path in enumerate(self._files):
+                    if not os.path.lexists(path):
+                        continue
+                    fd = open_regular(path, os.O_WRONLY)
+                    try:
+                        keep, size = self._space.high_water(i), os.fstat(fd).st_size
+                        if size > keep:
+                            os.ftruncate(fd, keep)
+                            released += size - keep
+                    except OSError as exc:
+                        raise io_error(exc, path, f"truncate it to {keep} bytes") from None
+                    finally:
+                        os.close(fd)
+            return released
 
     def stats(self) -> StoreStats:
         with self._lock:
@@ -565,20 +573,32 @@ class TieredStore:
             )
 
     def close(self) -> None:
-        if self._closed:
-            return
+        """Wait for the calls in flight and the background work (pwrite, prefetch, pread
+        futures), flush, and release everything; later calls raise InfinityError. A failed
+        flush (a full disk) is raised after the release: the store then keeps its last
+        committed state on disk."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True  # new calls are refused from here on
+            while self._calls:
+                self._changed.wait()
         try:
-            if not self.readonly:
-                self.flush()
-        finally:
-            self._closed = True
             self._executor.shutdown(wait=True)
-            self._window.shutdown(wait=True)
-            self._hashers.shutdown(wait=True)
-            self.gpu.close()
-            self.cpu.close()
-            self._engine.close()
-            self._release_lock()
+            if not self.readonly:
+                self._commit()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """Stop the threads, free the memory and drop the writer lock, of whatever exists."""
+        for name in ("_executor", "_window", "_hashers"):
+            if hasattr(self, name):
+                getattr(self, name).shutdown(wait=True)
+        for name in ("gpu", "cpu", "_engine"):
+            if hasattr(self, name):
+                getattr(self, name).close()
+        self._release_lock()
 
     def __enter__(self) -> TieredStore:
         return self
@@ -587,15 +607,24 @@ class TieredStore:
         self.close()
 
     # -- internals ----------------------------------------------------------------------------
-    def _writable(self) -> None:
-        if self._closed:
-            raise InfinityError("the store is closed")
-        if self.readonly:
-            raise ConfigError(f"store {self.paths[0]} was opened read-only")
+    @contextlib.contextmanager
+    def _call(self, write: bool = False):
+        """A public call: refused once ``close`` began, which waits for those in flight."""
+        with self._lock:
+            if self._closed:
+                raise InfinityError(f"store {self.paths[0]} is closed")
+            if write and self.readonly:
+                raise ConfigError(f"store {self.paths[0]} was opened read-only")
+            self._calls += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._calls -= 1
+                if not self._calls:
+                    self._changed.notify_all()
 
     def _entry(self, key: str) -> Entry:
-        if self._closed:
-            raise InfinityError("the store is closed")
         check_key(key)
         entry = self._entries.get(key)
         if entry is None and key in self._bad:
@@ -628,12 +657,12 @@ class TieredStore:
             try:
                 result = read(entry)
             except IntegrityError:
-                if token is None or self._manifest_token() == token:
+                if token is None or mf.commit_token(self.paths[0]) == token:
                     raise
                 continue  # the extents changed under the read: take the new commit
             finally:
                 self._unpin(entry)
-            if token is None or self._manifest_token() == token:
+            if token is None or mf.commit_token(self.paths[0]) == token:
                 return entry, result
         raise InfinityError(
             f"key {key!r} of {self.paths[0]} changed {READ_ATTEMPTS} times while being read: "
@@ -649,7 +678,15 @@ class TieredStore:
                 f"writer, which has not committed for {REWRITE_WAIT_S:.0f} s; it can be read "
                 "after the writer's next flush"
             )
-        while self._manifest_token() == token and time.monotonic() - since <= REWRITE_WAIT_S:
+        polls = 0
+        while (
+            mf.commit_token(self.paths[0]) == token and time.monotonic() - since <= REWRITE_WAIT_S
+        ):
+            polls += 1
+            if polls % 20 == 0 and not writer_alive(self.paths[0]):
+                with self._lock:  # it died mid-write: read the keys verified, now
+                    self._rewriting = set()
+                return
             time.sleep(0.01)
 
     def _unpin(self, entry: Entry) -> None:
@@ -660,26 +697,12 @@ class TieredStore:
                 self._space.free(entry.extents)
             self._changed.notify_all()
 
-    def _manifest_token(self):
-        """Identity of the committed state: the manifest's and the in-place record's files."""
-        token = []
-        for name in (mf.MANIFEST, mf.INPLACE):
-            try:
-                st = os.stat(os.path.join(self.paths[0], name))
-            except FileNotFoundError:
-                if name == mf.MANIFEST:
-                    return None
-                token.append(None)
-                continue
-            token.append((st.st_ino, st.st_ctime_ns, st.st_mtime_ns, st.st_size))
-        return tuple(token)
-
     def _refresh(self):
         """A read-only store takes the writer's latest commit: entries whose record changed are
         replaced (their resident copies dropped), the others keep theirs. Returns the token of
         the manifest now adopted."""
         while True:
-            token = self._manifest_token()
+            token = mf.commit_token(self.paths[0])
             if token == self._token:
                 return token
             if token is None:
@@ -687,8 +710,8 @@ class TieredStore:
                     f"{self.paths[0]}: {mf.MANIFEST} is gone since this reader opened the store"
                 )
             doc = mf.read_manifest(self.paths[0])
-            journal = mf.read_inplace(self.paths[0], doc["generation"]) if doc else set()
-            if self._manifest_token() != token or doc is None:
+            journal = mf.read_inplace(self.paths[0], doc["generation"]) if doc else (set(), set())
+            if mf.commit_token(self.paths[0]) != token or doc is None:
                 continue  # replaced while being read
             with self._lock:
                 old = self._entries
@@ -701,7 +724,7 @@ class TieredStore:
                 for gone in old.values():
                     self._forget(gone)
                 self._pending_free = []
-                self._note_inplace(journal)
+                self._note_inplace(*journal)
                 self._token = token
 
     def _forget(self, entry: Entry) -> None:
@@ -875,38 +898,8 @@ class TieredStore:
             self._lock_fd = None
 
 
-def _host_bytes(src: torch.Tensor) -> torch.Tensor:
-    """The bytes of ``src`` in host memory, as a flat uint8 view (a copy only if needed)."""
-    return byte_view(src.contiguous() if src.device.type == "cpu" else src.to("cpu"))
-
-
 def _unsettled(entry: Entry | None) -> bool:
     return entry is not None and (entry.writing or entry.suspect)
-
-
-def _dense(key: str, tensor) -> torch.Tensor:
-    """The plain strided tensor a put stores (conjugate and negative views resolved)."""
-    if not isinstance(tensor, torch.Tensor):
-        raise ConfigError(f"put({key!r}) expects a torch.Tensor, got {type(tensor).__name__}")
-    kind = (
-        "a quantized"
-        if tensor.is_quantized
-        else "a nested"
-        if tensor.is_nested
-        else "a meta"
-        if tensor.is_meta
-        else f"a {tensor.layout}"
-        if tensor.layout != torch.strided
-        else f"a {tensor.device.type}"
-        if tensor.device.type not in ("cpu", "cuda")
-        else None
-    )
-    if kind is not None:
-        raise ConfigError(
-            f"put({key!r}): {kind} tensor has no plain bytes to store; put a dense CPU or CUDA "
-            "tensor (dequantize(), to_dense(), or the real data instead of the meta device)"
-        )
-    return tensor.detach().resolve_conj().resolve_neg()
 
 
 def _typed(raw: torch.Tensor, entry: Entry) -> torch.Tensor:
