@@ -14,6 +14,7 @@ act, so it survives the kill) holds {"open": trial}, {"op": "put"|"pwrite"|"dele
 "inplace"}, {"pending": state} before a flush or compact and {"done": state} after it, and
 {"check": {...}} from each writer's check of what it opened."""
 
+import faulthandler
 import json
 import mmap
 import os
@@ -322,4 +323,5 @@ def campaign(args: dict) -> dict:
 
 
 if __name__ == "__main__":
+    faulthandler.enable()  # a crash of any process of the campaign shows its Python stack
     print(json.dumps(campaign(json.loads(sys.argv[1]))))

@@ -12,38 +12,40 @@ Call order:
 
 Guarantees
 ----------
-A crash (kill -9, or power loss on a drive that honours fsync) at any instant:
-- loses nothing that ``flush`` (or ``close``) returned for: the store reopens in the state of
-  the last flush that returned, or of the one under way at the crash, never a mix of two
-  (copy-on-write extents, manifest written to a temporary file, fsynced and renamed);
-- a key rewritten in place by ``pwrite`` since the last flush reads as its old value or raises
-  IntegrityError naming it, never as mixed bytes (inplace.json lists it before its first byte
-  changes; it is read verified); ``fsck`` names it; put or pwrite it again to repair it;
-- a creation cut short is done again on the next open.
-Readers (``readonly=True``, any number, in any process) never write; each ``get`` returns one
-committed version of the key, whole, never a mix and never a false IntegrityError, following the
-writer's commits as they land (a key being rewritten in place is read after the writer's next
-commit, or at once, verified, if the writer died). A second writer is refused (StoreLockedError):
-the lock is an flock on the first directory, released when its holder exits or dies; deleting
-LOCK does not lift it. A damaged or tampered store: a manifest that fails its checksum or its
-format is one IntegrityError (ConfigError if written by a newer version) naming the file; a bad
-record (fields, sizes, extents out of range or over another key's) fails only its key, with
-IntegrityError, and ``fsck``/``damaged()`` name it; changed data bytes are an IntegrityError on
-read. Whatever its files say, the store opens, reads, writes and deletes only its own files: no
-link is followed, data file names are plain names other than its records, FIFOs and devices are
-refused without blocking. Every error is an InfinityError subclass; a full disk is a
-StorageIOError (ENOSPC, with the free space) that leaves the last commit in place, and after a
-failed ``flush`` the store keeps working and a later flush commits everything. ``close`` waits
-for the calls in flight; later calls raise InfinityError.
-Not covered: a drive that acknowledges writes it has not made durable; bytes changed on disk
-when ``verify_checksums=False`` (only keys rewritten in place since a crash are always
-verified); someone who rewrites data and checksums consistently (checksums are not signatures);
-the data of a damaged record, which is not recovered.
+- A crash (kill -9, or power loss on a drive that honours fsync) at any instant loses nothing
+  that ``flush`` or ``close`` returned for: the store reopens in the state of the last flush that
+  returned, or of the one under way, never a mix of two (copy-on-write extents; the manifest
+  written to a temporary file, fsynced, renamed). A key rewritten in place by ``pwrite`` since
+  the last flush reads as its old value or raises IntegrityError naming it, never as mixed bytes
+  (inplace.json lists it before its first byte changes; it is read verified); ``fsck`` names it,
+  a put or pwrite repairs it. A creation cut short is done again on the next open.
+- Readers (``readonly=True``, any number, any process) write nothing. Each ``get`` returns one
+  committed version of the key, whole: never a mix, never a false IntegrityError; they follow
+  the writer's commits. A key being rewritten in place is read after the writer's next commit
+  (or at once, verified, if the writer died); ``compact`` does not cut a file a reader is in.
+- A second writer is refused (StoreLockedError): an flock on the first directory, released when
+  its holder exits or dies; deleting LOCK does not lift it.
+- A damaged or tampered store: a manifest that fails its checksum or its format is one
+  IntegrityError naming the file (ConfigError if a newer version wrote it); a bad record (fields,
+  sizes, extents out of range or over another key's) fails only its key (IntegrityError;
+  ``fsck`` and ``damaged()`` name it); changed data bytes are an IntegrityError on read. Whatever
+  its files say, the store opens, reads, writes and deletes only its own files: no link is
+  followed, data files have plain names other than the store's records, a FIFO or a device is
+  refused without blocking.
+- Errors are InfinityError subclasses. A full disk is a StorageIOError (ENOSPC, with the free
+  space) that leaves the last commit in place; after a failed ``flush`` the store keeps working
+  and a later flush commits everything. ``close`` waits for the calls in flight; later calls
+  raise InfinityError.
+- Not covered: a drive that acknowledges writes it has not made durable; bytes changed on disk
+  when ``verify_checksums=False`` (only keys rewritten in place since a crash are always
+  verified); someone who rewrites data and checksums consistently (checksums are not
+  signatures); the data of a damaged record, which is not recovered.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import threading
 import time
@@ -520,16 +522,15 @@ class TieredStore:
 
     def _fsck(self) -> dict[str, str]:
         problems: dict[str, str] = dict(self._bad)
-        sizes = [os.lstat(f).st_size if os.path.lexists(f) else 0 for f in self._files]
 
-        def check(entry: Entry) -> None:
+        def check(entry: Entry) -> None:  # raises, so that a commit landing meanwhile retries
+            sizes = [os.lstat(f).st_size if os.path.lexists(f) else 0 for f in self._files]
             short = [
                 e for e in entry.extents if e.nbytes and e.file_offset + e.nbytes > sizes[e.file]
             ]
             if short:
-                problems[entry.key] = f"extent past the end of {self._files[short[0].file]}"
-            else:
-                self._load_bytes(entry, torch.empty(entry.nbytes, dtype=torch.uint8))
+                raise IntegrityError(f"extent past the end of {self._files[short[0].file]}")
+            self._load_bytes(entry, torch.empty(entry.nbytes, dtype=torch.uint8))
 
         for key in self.keys():
             try:
@@ -542,25 +543,36 @@ class TieredStore:
 
     def compact(self) -> int:
         """Flush, then give back the free space at the end of each data file; returns bytes
-        released. (Free space between extents is reused by later puts.)"""
+        released. (Free space between extents is reused by later puts.) A file that a reader
+        in another process is reading at that instant keeps its tail until the next compact:
+        that reader may still follow an older manifest into it."""
         with self._call(write=True):
             self._commit()
             released = 0
             with self._lock:
                 for i, path in enumerate(self._files):
-                    if not os.path.lexists(path):
-                        continue
-                    fd = open_regular(path, os.O_WRONLY)
-                    try:
-                        keep, size = self._space.high_water(i), os.fstat(fd).st_size
-                        if size > keep:
-                            os.ftruncate(fd, keep)
-                            released += size - keep
-                    except OSError as exc:
-                        raise io_error(exc, path, f"truncate it to {keep} bytes") from None
-                    finally:
-                        os.close(fd)
+                    if os.path.lexists(path):
+                        released += self._cut_tail(path, self._space.high_water(i))
             return released
+
+    def _cut_tail(self, path: str, keep: int) -> int:
+        """Truncate the data file ``path`` to ``keep`` bytes unless a reader holds it
+        (``_shared_files``); the bytes released."""
+        fd = open_regular(path, os.O_WRONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0  # a reader in another process is in it: next time
+            size = os.fstat(fd).st_size
+            if size <= keep:
+                return 0
+            os.ftruncate(fd, keep)
+            return size - keep
+        except OSError as exc:
+            raise io_error(exc, path, f"truncate it to {keep} bytes") from None
+        finally:
+            os.close(fd)
 
     def stats(self) -> StoreStats:
         with self._lock:
@@ -655,8 +667,9 @@ class TieredStore:
                     entry = self._entry(key)
                 entry.readers += 1
             try:
-                result = read(entry)
-            except IntegrityError:
+                with self._shared_files(entry):
+                    result = read(entry)
+            except (IntegrityError, StorageIOError):
                 if token is None or mf.commit_token(self.paths[0]) == token:
                     raise
                 continue  # the extents changed under the read: take the new commit
@@ -688,6 +701,28 @@ class TieredStore:
                     self._rewriting = set()
                 return
             time.sleep(0.01)
+
+    @contextlib.contextmanager
+    def _shared_files(self, entry: Entry):
+        """A read-only store holds the data files it reads shared (flock) while it reads:
+        the writer's ``compact`` does not cut a file's tail under it (its manifest may be one
+        commit old, its extents freed and past the new end: DeepSpeed's handle asserts, and
+        aborts the process, on a read past the end of a file)."""
+        if not self.readonly:  # this process's readers pin their extents instead
+            yield
+            return
+        held = []  # a descriptor of its own per read: flocks belong to open files
+        try:
+            for i in sorted({e.file for e in entry.extents}):
+                try:
+                    held.append(open_regular(self._files[i], os.O_RDONLY))
+                except StorageIOError:
+                    continue  # no such file: the read itself says so
+                fcntl.flock(held[-1], fcntl.LOCK_SH)
+            yield
+        finally:
+            for fd in held:
+                os.close(fd)  # drops the lock
 
     def _unpin(self, entry: Entry) -> None:
         with self._lock:
