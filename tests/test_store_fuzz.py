@@ -304,7 +304,7 @@ def test_decoder_accepts_only_records_that_point_nowhere_wrong(pristine):
 
 
 def test_tampered_stores_open_read_and_write_safely(pristine):
-    """150 damaged copies of a store (manifest, member records, in-place record) opened
+    """120 damaged copies of a store (manifest, member records, in-place record) opened
     read-only (every key read, fsck) and then for writing (put, delete, flush, compact)."""
     files, doc = pristine
     sidecar = st.one_of(
@@ -317,7 +317,7 @@ def test_tampered_stores_open_read_and_write_safely(pristine):
                                       st.integers(0, 3), st.integers(0, 2)))),
     )  # fmt: skip
 
-    @settings(max_examples=150, **SETTINGS)
+    @settings(max_examples=120, **SETTINGS)
     @given(raw=manifest_bytes(pristine), extra=sidecar)
     def check(raw, extra):
         with Example(files) as ex:
