@@ -222,7 +222,14 @@ def store_ls(paths) -> None:
             e = s.entry(key)
             dtype = str(e.dtype).removeprefix("torch.")
             click.echo(f"{key}\t{dtype}\t{list(e.shape)}\t{format_size(e.nbytes)}\tv{e.version}")
-        click.echo(f"{len(s)} keys, {format_size(s.stats().nvme_bytes)}")
+        damaged = s.damaged()
+        for key, problem in sorted(damaged.items()):
+            click.echo(f"DAMAGED {key}: {problem}")
+        click.echo(
+            f"{len(s)} keys, {format_size(s.stats().nvme_bytes)}"
+            + (f"; {len(damaged)} damaged records (infinity store fsck)" if damaged else "")
+        )
+    sys.exit(1 if damaged else 0)
 
 
 @store.command("fsck")
@@ -235,7 +242,8 @@ def store_fsck(paths) -> None:
         problems = s.fsck()
         for key, problem in sorted(problems.items()):
             click.echo(f"DAMAGED {key}: {problem}")
-        click.echo(f"{len(s) - len(problems)} of {len(s)} keys intact")
+        total = len(s) + len(s.damaged())
+        click.echo(f"{total - len(problems)} of {total} keys intact")
     sys.exit(1 if problems else 0)
 
 

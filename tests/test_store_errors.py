@@ -456,11 +456,6 @@ def test_cli_on_a_damaged_manifest_is_one_line(store_path, monkeypatch, capsys, 
     assert "Traceback" not in out and len(out.strip().splitlines()) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py's `store ls` lists keys() only; it should print TieredStore.damaged() and "
-    "exit 1 (see the report of issue 19)",
-)
 def test_cli_ls_names_bad_records_and_exits_nonzero(store_path, monkeypatch, capsys):
     _rewrite_manifest(store_path, lambda doc: doc["entries"]["a"].__setitem__("shape", [3]))
     code, out = _cli(monkeypatch, capsys, "store", "ls", store_path)
