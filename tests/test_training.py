@@ -10,7 +10,7 @@ import pytest
 import torch
 from store_helpers import small_config
 
-from infinity import ConfigError
+from infinity import CapacityError, ConfigError, InfinityError
 from infinity.training import OffloadedAdamW, StaleStateError
 
 
@@ -80,10 +80,11 @@ def stored_states(opt):
     """{(param index, state name): the stored fp32 state, slices joined}."""
     opt.flush()
     out = {}
-    for tile in opt._tiles:
+    for i, tile in enumerate(opt._tiles):
+        stored = iter(opt._executor.stored_keys(i))  # the slot each tile is in now
         for s in tile.slices:
-            for name, key in s.keys.items():
-                out.setdefault((s.param, name), []).append(opt.store.get(key))
+            for name in s.keys:
+                out.setdefault((s.param, name), []).append(opt.store.get(next(stored)))
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -232,10 +233,11 @@ def test_resume_from_state_dict_equals_the_uninterrupted_run(disk_dir, pinned_by
         assert torch.equal(got[key], want[key]), key
     assert opt.param_groups[1]["lr"] == 3e-2
 
-    # the store has moved on: the older state_dict is refused, here and in a new optimizer
+    # two slots: sd's states stay intact until the next state_dict commits and a step follows
+    newest = opt.state_dict()
+    run(model, opt, data[:1])
     with pytest.raises(StaleStateError, match="newest state_dict"):
         opt.load_state_dict(sd)
-    newest = opt.state_dict()
     opt.close()
     opt = new_opt(groups(model), disk_dir, "b", **kw)
     with pytest.raises(StaleStateError, match="changed since this state_dict"):
@@ -308,4 +310,41 @@ def test_fp16_with_grad_scaler_skips_overflows_and_unscales(disk_dir, max_grad_n
         assert scaler.get_scale() == ref_scale
     assert skipped == 1
     assert {float(opt.state[p]["step"]) for p in model.parameters()} == {4.0}
+    opt.close()
+
+
+def test_bad_input_is_refused_at_construction(disk_dir, tmp_path_factory):
+    model = make_model()
+    with pytest.raises(ConfigError, match=r"20.00 KiB cannot hold .* needs 72.00 KiB, three of"):
+        new_opt(model.parameters(), disk_dir, tile_bytes="16KiB", pinned_bytes="20KiB")
+    half = make_model(torch.bfloat16)
+    half[0].to("meta")
+    with pytest.raises(ConfigError, match=r"2 devices \(2 on meta, 4 on cpu\)"):
+        new_opt(half.parameters(), disk_dir)
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    if shm is not None:  # a store on memory is refused (tmpfs on this machine)
+        with pytest.raises(InfinityError, match="tmpfs: memory, not a disk"):
+            OffloadedAdamW(model.parameters(), os.path.join(shm, f"infinity-opt-{os.getpid()}"))
+    sparse = torch.nn.Embedding(10, 4, sparse=True)
+    opt = new_opt(sparse.parameters(), disk_dir, "sparse")
+    sparse(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ConfigError, match="sparse"):
+        opt.step()
+    opt.close()
+
+
+def test_too_little_disk_is_refused_before_the_first_step(small_fs):
+    """64 MiB of disk: a model with 5.8M fp32 parameters (its own masters: exp_avg and
+    exp_avg_sq, 8 B/param) needs 92 MB for two slots, 46 MB for one."""
+    model = torch.nn.Linear(2400, 2400)
+    with pytest.raises(CapacityError, match=r"needs .* more disk .* x 2 slot\(s\).* free"):
+        OffloadedAdamW(model.parameters(), os.path.join(small_fs, "opt"), pinned_bytes=0,
+                       tile_bytes="4MiB", store_config=small_config(pinned_bytes=0))  # fmt: skip
+    assert not [n for n in os.listdir(small_fs) if n.endswith(".bin")]
+    opt = OffloadedAdamW(model.parameters(), os.path.join(small_fs, "opt"), pinned_bytes=0,
+                         tile_bytes="4MiB", store_config=small_config(pinned_bytes=0),
+                         resumable=False)  # fmt: skip
+    model(torch.randn(2, 2400)).sum().backward()
+    opt.step()
+    opt.state_dict()
     opt.close()

@@ -99,7 +99,7 @@ def test_trainer_lowers_the_loss(disk_dir, clipping):
             assert torch.equal(p, q), name
 
 
-def test_trainer_checkpoints_resume_from_the_newest_only(disk_dir):
+def test_trainer_checkpoints_resume_and_overwritten_ones_are_refused(disk_dir):
     out, path = os.path.join(disk_dir, "out"), os.path.join(disk_dir, "opt")
     model, data = tiny_llama(), Repeated()
     opt = OffloadedAdamW(model.parameters(), path, lr=3e-3, store_config=small_config(0))
@@ -121,6 +121,6 @@ def test_trainer_checkpoints_resume_from_the_newest_only(disk_dir):
         finally:
             opt.close()
 
+    assert resume("checkpoint-10") == {15.0}  # steps 11-15 write the slot checkpoint-5 was in
     with pytest.raises(StaleStateError):
-        resume("checkpoint-5")  # step 10 rewrote its states in place
-    assert resume("checkpoint-10") == {15.0}
+        resume("checkpoint-5")

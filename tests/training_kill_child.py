@@ -1,6 +1,8 @@
-"""Child of test_training_kill.py: trains 3 steps, saves the optimizer's state_dict and the
-model's, says "saved", goes on training, says "stepped" after two more steps, and trains
-until killed."""
+"""Child of test_training_kill.py: trains a small bf16 model to step TOTAL, resuming from
+CKPT when it exists; every EVERY steps it saves the optimizer's and the model's state_dict to
+CKPT (a temporary file, fsynced, renamed). Prints "resumed N", "step N" after each step, and
+"done"; "refused: ..." and exit 3 when the checkpoint cannot be resumed (an InfinityError at
+load or in the first step after it)."""
 
 import os
 import sys
@@ -9,22 +11,56 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 from test_training import batches, groups, make_model, new_opt, run  # noqa: E402
 
+from infinity.errors import InfinityError  # noqa: E402
 
-def main(store_dir: str, pinned_bytes: str, saved_path: str) -> None:
-    model = make_model(torch.bfloat16)
+
+def save(payload: dict, path: str) -> None:
+    with open(path + ".tmp", "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    fd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def main(store_dir, pinned_bytes, ckpt, total, every, resumable) -> None:
+    total, every = int(total), int(every)
     pinned = int(pinned_bytes) if pinned_bytes.isdigit() else pinned_bytes
-    opt = new_opt(groups(model), store_dir, "b", lr=1e-2, tile_bytes="16KiB", pinned_bytes=pinned)
-    data = batches(6, torch.bfloat16)
-    run(model, opt, data[:3])
-    torch.save({"opt": opt.state_dict(), "model": model.state_dict()}, saved_path + ".tmp")
-    os.replace(saved_path + ".tmp", saved_path)
-    print("saved", flush=True)
-    step = 3
+    model = make_model(torch.bfloat16)
+    opt = new_opt(groups(model), store_dir, "b", lr=1e-2, tile_bytes="16KiB",
+                  pinned_bytes=pinned, resumable=resumable == "1")  # fmt: skip
+    data = batches(8, torch.bfloat16)
+    step = 0
+    try:
+        if os.path.exists(ckpt):
+            saved = torch.load(ckpt, weights_only=True)
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["opt"])
+            step = saved["step"]
+        print("resumed", step, flush=True)
+        if step >= total:
+            opt.close()
+            print("done", flush=True)
+            return
+        run(model, opt, [data[step % len(data)]])
+    except InfinityError as exc:
+        print(f"refused: {exc}", flush=True)
+        sys.exit(3)
+    step += 1
     while True:
+        if step % every == 0:
+            save({"opt": opt.state_dict(), "model": model.state_dict(), "step": step}, ckpt)
+        print("step", step, flush=True)
+        if step >= total:
+            break
         run(model, opt, [data[step % len(data)]])
         step += 1
-        if step == 5:  # step 4's write-back has landed: step 5 read its tiles again
-            print("stepped", flush=True)
+    opt.close()
+    print("done", flush=True)
 
 
 if __name__ == "__main__":

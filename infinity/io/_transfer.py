@@ -222,14 +222,19 @@ def run_write(engine, lane, req) -> int:
     n, off, path = req.buf.numel(), req.file_offset, req.path
     fd = _open(engine, req, write=True)
     try:
-        old = os.fstat(fd).st_size
         if n == 0:
             return 0
         end = off + n
+        # Growing the file and cutting it back happen under one lock per path, and a cut
+        # never goes below another write's end (engine.growth: FileGrowth).
+        growth = engine.growth(path)
+        with growth.lock:
+            old = os.fstat(fd).st_size
+            _reserve(fd, req, _down(off), _up(end))
+            record = growth.begin(end)
         final = max(old, end)
         ok = False
         try:
-            _reserve(fd, req, _down(off), _up(end))
             done = 0
             if off % A == 0 and engine.is_direct_buffer(lane, req.buf):
                 done = _down(n)
@@ -242,9 +247,9 @@ def run_write(engine, lane, req) -> int:
         finally:
             # fallocate and O_DIRECT round the file up to whole blocks: cut it back to the exact
             # length (the old one if the write failed), unless another request has since made
-            # the file longer (its own end then rules). Check-and-cut is atomic per path.
-            target = final if ok else old
-            with engine.size_lock(path):
+            # the file longer (its own end then rules), never below another write's end.
+            with growth.lock:
+                target = max(final if ok else old, growth.finish(record, ok))
                 size = os.fstat(fd).st_size
                 if size != target and size == max(old, _up(end)):
                     os.ftruncate(fd, target)

@@ -171,6 +171,32 @@ class _Lane:
         return self.streams[index]
 
 
+class FileGrowth:
+    """Writes to one file grow it (fallocate, whole blocks) and cut it back to their exact end,
+    both under ``lock``. A cut must never drop bytes of another write: ``floor`` is the
+    furthest end of the writes still in flight and of those that finished while this one ran
+    (one that finished earlier is in the size this one saw when it began). A cut decided from
+    a stale size once dropped another write's bytes."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self._active: list[list[int]] = []  # per write in flight: [its end, others' done ends]
+
+    def begin(self, end: int) -> list[int]:
+        """Under ``lock``: a write to ``end`` starts; returns its record."""
+        record = [end, 0]
+        self._active.append(record)
+        return record
+
+    def finish(self, record: list[int], ok: bool) -> int:
+        """Under ``lock``: that write ended; returns the length no cut of it may go below."""
+        self._active.remove(record)
+        if ok:
+            for other in self._active:
+                other[1] = max(other[1], record[0])
+        return max([record[1], *(other[0] for other in self._active)])
+
+
 class AioEngine:
     """Async tensor I/O on files through DeepSpeed's aio handle; see the module docstring."""
 
@@ -192,7 +218,7 @@ class AioEngine:
         self._lanes_lock = threading.Lock()
         self._direct_ok: set[int] = set()  # st_dev values known to accept O_DIRECT
         self._executor = ThreadPoolExecutor(self.config.lanes, thread_name_prefix="infinity-aio")
-        self._size_locks: dict[str, threading.Lock] = {}
+        self._sizes: dict[str, FileGrowth] = {}
         self._closed = False
 
     # -- public API ---------------------------------------------------------------------------
@@ -296,10 +322,10 @@ class AioEngine:
             ) from None
         self._direct_ok.add(dev)
 
-    def size_lock(self, path: str) -> threading.Lock:
-        """Serialises the end-of-write length fix-up of concurrent writes to one file."""
+    def growth(self, path: str) -> FileGrowth:
+        """The length bookkeeping of concurrent writes to one file (see FileGrowth)."""
         with self._lanes_lock:
-            return self._size_locks.setdefault(path, threading.Lock())
+            return self._sizes.setdefault(path, FileGrowth())
 
     def is_direct_buffer(self, lane: _Lane, buf: torch.Tensor) -> bool:
         """Whether DeepSpeed can DMA into ``buf`` without its own bounce copy."""

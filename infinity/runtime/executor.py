@@ -12,6 +12,10 @@ Call order, per pass of a driver (inference hooks, the optimizer, training strea
    copy stream, after the caller's stream) and writes it (WRITE: ``store.pwrite``, in place)
    unless the plan keeps it pinned, where it stays dirty until ``flush``.
 3. ``flush()``: every dirty unit reaches NVMe and the store commits.
+4. Optionally ``redirect(keys)`` after a flush: from then on unit ``i`` is written under
+   ``keys[i]`` and read back from there once written, so that the flushed state stays intact
+   on disk while the next one is written beside it (OffloadedAdamW's two checkpoint slots).
+   The views a driver gets stay named by the unit's own piece keys.
 
 Actions: READ -> ``store.pread(keys, views)`` (aio, disk -> the unit's pinned buffer,
 checksummed); COPY -> one host->device copy of the whole buffer (runtime.copy on the h2d copy
@@ -63,6 +67,9 @@ class Executor:
         self._cuda = self.device.type == "cuda"
         self._cond = threading.Condition(threading.RLock())  # callbacks may run in our thread
         self._sched = Scheduler(plan)
+        # store keys of each unit's pieces: where its newest bytes are, where they go next
+        self._read_keys = [u.keys for u in units]
+        self._write_keys = [u.keys for u in units]
         # unit -> (device buffer, its views, the event its copy recorded)
         self._on_device: dict[int, tuple[torch.Tensor | None, dict, object]] = {}
         self._pool = pool
@@ -149,6 +156,30 @@ class Executor:
             self._raise()
         self.store.flush()
 
+    def redirect(self, keys: list[list[str]], stored: list[list[str]] | None = None) -> None:
+        """Write unit ``i`` under ``keys[i]`` (one store key per piece, in order) from now on,
+        and read it from there once written. Only between passes, with nothing dirty (after
+        ``flush``): a unit's bytes are then all in the keys it is read from. ``stored``: where
+        each unit is read from until written, only before the first pass (nothing read yet)."""
+        with self._cond:
+            for lists in (keys, stored or self._read_keys):
+                if len(lists) != len(self.units) or any(
+                    len(k) != len(u.pieces) for k, u in zip(lists, self.units, strict=True)
+                ):
+                    raise ConfigError("redirect: a list of store keys per unit, one per piece")
+            if self._dirty or self._writing or not self._sched.flushed():
+                raise ConfigError("redirect with units still dirty: flush() first")
+            if stored is not None:
+                if self._started:
+                    raise ConfigError("redirect(stored=) after the executor started reading")
+                self._read_keys = [list(k) for k in stored]
+            self._write_keys = [list(k) for k in keys]
+
+    def stored_keys(self, i: int) -> list[str]:
+        """The store keys unit ``i``'s newest bytes are read from (after a flush: on disk)."""
+        with self._cond:
+            return list(self._read_keys[i])
+
     def _raise(self) -> None:
         if self._error is not None:
             raise self._error
@@ -162,12 +193,14 @@ class Executor:
                 self._stats["reads"] += 1
                 buffer = self._host_buffer(unit)
                 self._pinned[a.tensor] = buffer
-                future = self.store.pread(unit.keys, list(unit.views(buffer[0]).values()))
+                views = list(unit.views(buffer[0]).values())
+                future = self.store.pread(self._read_keys[a.tensor], views)
                 self._track(a, future)
             elif a.kind == COPY:
                 self._track(a, self._copier.submit(self._copy_in, unit, self._pinned[a.tensor][0]))
             elif a.kind == READ_TO_GPU:
-                self._track(a, self._reader.submit(self._direct, unit))
+                job = partial(self._direct, unit, self._read_keys[a.tensor])
+                self._track(a, self._reader.submit(job))
             elif a.kind == COPY_BACK:
                 if a.tensor not in self._pinned:
                     self._pinned[a.tensor] = self._host_buffer(unit)
@@ -176,7 +209,8 @@ class Executor:
             elif a.kind == WRITE:
                 self._stats["writes"] += 1
                 host = self._pinned[a.tensor][0]
-                future = self.store.pwrite(unit.keys, list(unit.views(host).values()))
+                keys = self._read_keys[a.tensor] = self._write_keys[a.tensor]
+                future = self.store.pwrite(keys, list(unit.views(host).values()))
                 self._track(a, future)
             elif a.kind == FREE_PINNED:
                 buffer, pooled = self._pinned.pop(a.tensor)
@@ -229,13 +263,18 @@ class Executor:
             event.synchronize()
         self._stats["d2h_bytes"] += self.units[i].nbytes
 
-    def _direct(self, unit: Unit):
+    def _direct(self, unit: Unit, stored: list[str]):
         """No pinned budget: each key from disk to the device through the store."""
+
+        def get_all():
+            pairs = zip(unit.keys, stored, strict=True)
+            return {k: self.store.get(s, device=self.device) for k, s in pairs}
+
         if not self._cuda:
-            return None, {k: self.store.get(k, device=self.device) for k in unit.keys}, None
+            return None, get_all(), None
         stream = copy_stream(self.device)
         with torch.cuda.stream(stream):  # get() makes this stream wait
-            tensors = {k: self.store.get(k, device=self.device) for k in unit.keys}
+            tensors = get_all()
             ready = torch.cuda.Event()
             ready.record(stream)
         return None, tensors, ready

@@ -19,22 +19,31 @@ Call order of one ``step()``:
 4. ``executor.finish()``: the last tile's write-back starts.
 
 ``state_dict()`` flushes (every dirty tile reaches NVMe, the store commits) and returns a
-small dict: the step counts, the param groups, the tile layout, and each state key's version
-and checksum in the store; the fp32 states are never copied into it. ``load_state_dict``
-checks those versions against the store and refuses (StaleStateError) when later steps have
-rewritten the states in place since: only the newest state_dict of a store can be resumed.
+small dict: the step counts, the param groups, the tile layout, and for each tile the slot its
+states were committed in, with each state key's version and checksum; the fp32 states are
+never copied into it.
+
+Two slots (``resumable=True``, the default): each state key has two places in the store, the
+key and ``key@1``. After a ``state_dict()`` the steps write the other slot of each tile, so the
+states that state_dict committed are never overwritten before the next ``state_dict()``
+commits: a process killed at any moment (mid-step, mid-flush, while the caller was still
+saving the newer state_dict) resumes from the last state_dict it saved, bit for bit. That
+costs twice the states' size on disk, not more I/O. ``resumable=False``: one slot, rewritten
+in place; a kill after a state_dict, once a step has run, leaves states that fail loudly
+(IntegrityError or StaleStateError), never silently wrong.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 
 import torch
 from torch.optim.adamw import adamw
 
 from infinity.config import format_size, parse_size
-from infinity.errors import ConfigError, InfinityError, IntegrityError
+from infinity.errors import CapacityError, ConfigError, InfinityError, IntegrityError
 from infinity.io import PinnedPool, bounce_bytes
 from infinity.io.pinned import pinnable_bytes
 from infinity.runtime import Executor
@@ -60,10 +69,13 @@ class OffloadedAdamW(torch.optim.Optimizer):
     a directory, a list of directories (striped), or an open TieredStore (the caller's; it is
     flushed, never closed, here). ``pinned_bytes``: RAM for the tiles the plan keeps resident
     plus the stream buffers (default: all the states, up to a quarter of the pinnable memory;
-    at least three tiles). ``max_grad_norm``: clip by global norm before each step, as
+    0: the buffers only, three tiles; less than that but not 0: ConfigError).
+    ``max_grad_norm``: clip by global norm before each step, as
     ``torch.nn.utils.clip_grad_norm_``. ``tile_bytes``: the unit of I/O and update.
     ``foreach``/``fused``: as torch's AdamW (None: torch's choice; on the CPU, the single-tensor
-    kernels). ``store_config``: the StoreConfig of a store opened here."""
+    kernels). ``store_config``: the StoreConfig of a store opened here. ``resumable``: two
+    slots per state on disk, so that a kill at any moment resumes from the last state_dict
+    (False: half the disk, one slot rewritten in place; see the module docstring)."""
 
     def __init__(
         self,
@@ -82,6 +94,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
         fused: bool | None = None,
         store_config: StoreConfig | None = None,
         key_prefix: str = "adamw/",
+        resumable: bool = True,
         device="cpu",
     ):
         _check_hyper(lr, betas, eps, weight_decay)
@@ -101,6 +114,8 @@ class OffloadedAdamW(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.last_grad_norm: torch.Tensor | None = None
         self._params = [p for g in self.param_groups for p in g["params"]]
+        _check_devices(self._params)
+        self.resumable = bool(resumable)
         groups = [g["params"] for g in self.param_groups]
         self._tiles = build_tiles(groups, parse_size(tile_bytes), key_prefix)
         if not self._tiles:
@@ -126,8 +141,9 @@ class OffloadedAdamW(torch.optim.Optimizer):
             order = list(range(len(sizes)))
             p = plan(sizes, order, gpu_bytes=2 * largest, pinned_bytes=budget,
                      writes=[True] * len(order), repeats=PLAN_REPEATS)  # fmt: skip
-            units = [t.unit for t in self._tiles]
-            self._executor = Executor(store, units, p, "cpu", self._pool)
+            self._plan = p
+            _check_disk(store, self._slot_keys(), [t.unit for t in self._tiles])
+            self._executor = self._new_executor(store)
         except BaseException:
             if opened is not None:
                 opened.close()
@@ -138,6 +154,17 @@ class OffloadedAdamW(torch.optim.Optimizer):
             "OffloadedAdamW: %d tiles, %s of state in %s, %s pinned; %s",
             len(sizes), format_size(total), self._store.paths[0], format_size(budget), p,
         )  # fmt: skip
+
+    def _new_executor(self, store) -> Executor:
+        return Executor(store, [t.unit for t in self._tiles], self._plan, "cpu", self._pool)
+
+    def _slot_keys(self) -> list[tuple[list[str], list[str]]]:
+        """Per tile: its store keys in slot 0 and in slot 1 (one slot: the same keys)."""
+        out = []
+        for t in self._tiles:
+            keys = t.unit.keys
+            out.append((keys, [f"{k}@1" for k in keys] if self.resumable else keys))
+        return out
 
     def add_param_group(self, param_group: dict) -> None:
         if self._tiles is not None:
@@ -178,9 +205,12 @@ class OffloadedAdamW(torch.optim.Optimizer):
             ex.finish()
         except IntegrityError as exc:
             self._broken = exc
+            if self.resumable:
+                raise
             raise IntegrityError(
                 f"{exc}. If a run was killed during a step after its last state_dict(), that "
-                "step's in-place writes overwrote the checkpointed states: they cannot be resumed"
+                "step's in-place writes overwrote the checkpointed states (resumable=False): "
+                "they cannot be resumed"
             ) from exc
         except BaseException as exc:
             self._broken = exc
@@ -268,24 +298,23 @@ class OffloadedAdamW(torch.optim.Optimizer):
 
     def _init_states(self) -> None:
         """Each tile's first state, written to the store: the fp32 master, zeroed moments."""
-        if any(key in self._store for key in self._all_keys()):
+        if any(key in self._store for both in self._slot_keys() for key in both[0]):
             log.warning(
                 "OffloadedAdamW: overwriting the optimizer states of an earlier run in %s "
                 "(call load_state_dict() before the first step to resume them)",
                 self._store.paths[0],
             )
         running: deque = deque()
-        for tile in self._tiles:
-            keys, tensors = [], []
+        for i, tile in enumerate(self._tiles):
+            keys, tensors = self._executor.stored_keys(i), []
             for s in tile.slices:
                 p = self._params[s.param]
-                for name, key in s.keys.items():
+                for name in s.keys:
                     if name == "master":
                         flat = p.detach().reshape(-1)[s.start : s.start + s.numel]
                         value = flat.to(device="cpu", dtype=torch.float32, copy=True)
                     else:
                         value = torch.zeros(s.numel, dtype=torch.float32)
-                    keys.append(key)
                     tensors.append(value)
             running.append(self._store.pwrite(keys, tensors))
             if len(running) >= INIT_WINDOW:
@@ -313,16 +342,23 @@ class OffloadedAdamW(torch.optim.Optimizer):
             self._executor.flush()
         sd = super().state_dict()
         sd["state"] = {i: {k: v.clone() for k, v in st.items()} for i, st in sd["state"].items()}
-        versions = {}
+        versions, slots = {}, []
         if self._initialized:
-            for key in self._all_keys():
-                info = self._store.entry(key)
-                versions[key] = [info.version, info.checksum]
+            for i, (zero, _) in enumerate(self._slot_keys()):
+                stored = self._executor.stored_keys(i)
+                slots.append(0 if stored == zero else 1)
+                for key in stored:
+                    info = self._store.entry(key)
+                    versions[key] = [info.version, info.checksum]
+            self._executor.redirect([pair[1 - slot] for pair, slot in
+                                     zip(self._slot_keys(), slots, strict=True)])  # fmt: skip
         sd["infinity"] = {
             "format": FORMAT,
             "paths": list(self._store.paths),
             "initialized": self._initialized,
             "layout": layout_of(self._tiles),
+            "resumable": self.resumable,
+            "slots": slots,
             "versions": versions,
         }
         return sd
@@ -343,10 +379,24 @@ class OffloadedAdamW(torch.optim.Optimizer):
                 "this state_dict was saved for other parameters (its tile layout differs: "
                 "another model, other param groups, tile_bytes or key_prefix)"
             )
+        if bool(info.get("resumable")) != self.resumable:
+            raise ConfigError(
+                f"this state_dict was saved with resumable={bool(info.get('resumable'))}; build "
+                f"the optimizer with the same (it is resumable={self.resumable})"
+            )
         if self._initialized:
             self._executor.flush()  # our newest states are the store's: compare those
         if info["initialized"]:
             self._check_versions(info)
+        self._executor.close()  # what it keeps resident may be newer than the state_dict
+        self._executor = self._new_executor(self._store)
+        if info["initialized"]:
+            pairs = self._slot_keys()
+            slots = info["slots"]
+            self._executor.redirect(
+                [pair[1 - slot] for pair, slot in zip(pairs, slots, strict=True)],
+                stored=[pair[slot] for pair, slot in zip(pairs, slots, strict=True)],
+            )
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "infinity"})
         for t in self._tiles:
             for s in t.slices:
@@ -371,12 +421,14 @@ class OffloadedAdamW(torch.optim.Optimizer):
                 f"state_dict was saved ({len(stale)} of {len(info['versions'])} keys: "
                 f"{', '.join(stale[:3])}): later steps rewrote them in place, so only the "
                 "newest state_dict of this store can be resumed; load that one"
+                + (
+                    ""
+                    if self.resumable
+                    else " (or train with resumable=True: two slots keep the last one intact)"
+                )
             )
 
     # -- the rest ------------------------------------------------------------------------------
-    def _all_keys(self) -> list[str]:
-        return [k for t in self._tiles for s in t.slices for k in s.keys.values()]
-
     def _check_usable(self) -> None:
         if self._closed:
             raise InfinityError("this OffloadedAdamW was closed")
@@ -433,15 +485,59 @@ def _check_hyper(lr, betas, eps, weight_decay) -> None:
         raise ConfigError(f"invalid weight_decay value: {weight_decay}")
 
 
+def _check_devices(params: list[torch.Tensor]) -> None:
+    devices: dict[str, int] = {}
+    for p in params:
+        devices[str(p.device)] = devices.get(str(p.device), 0) + 1
+    if len(devices) > 1:
+        spread = ", ".join(f"{n} on {d}" for d, n in devices.items())
+        raise ConfigError(
+            f"the parameters are on {len(devices)} devices ({spread}): OffloadedAdamW updates "
+            "one model on one device; move the model (model.to(device)) before building it"
+        )
+
+
+def _check_disk(store: TieredStore, slots, units) -> None:
+    """Before the first step: room for every state key the store does not hold yet."""
+    need = 0
+    for (zero, one), unit in zip(slots, units, strict=True):
+        for keys in {tuple(zero), tuple(one)}:
+            for key, piece in zip(keys, unit.pieces, strict=True):
+                if key not in store:
+                    need += piece.nbytes
+    if not need:
+        return
+    free, seen = 0, set()
+    for path in store.paths:
+        st = os.statvfs(path)
+        if st.f_fsid not in seen:
+            seen.add(st.f_fsid)
+            free += st.f_bavail * st.f_frsize
+    if need > free:
+        total = sum(u.nbytes for u in units)
+        copies = 1 if slots[0][0] == slots[0][1] else 2
+        raise CapacityError(
+            f"OffloadedAdamW needs {format_size(need)} more disk for its optimizer states "
+            f"({format_size(total)} of fp32 state x {copies} slot(s)) and "
+            f"{', '.join(store.paths)} has {format_size(free)} free: free space, "
+            "add a path (a list of directories stripes the states), or pass resumable=False "
+            "(one slot: half the disk, but a kill after a state_dict cannot be resumed)"
+        )
+
+
 def _pinned_budget(pinned_bytes, total: int, largest: int) -> int:
+    """The pinned bytes for the stream buffers and resident tiles: at least three of the
+    largest tile (two stream buffers and a write reserve); 0 asks for just that."""
     floor = MIN_PINNED_TILES * largest
     if pinned_bytes is None:
         cap = pinnable_bytes()[0] // DEFAULT_PINNED_SHARE
         return max(floor, min(total + floor, cap))
     budget = parse_size(pinned_bytes)
-    if budget < floor:
-        log.info(
-            "OffloadedAdamW: pinned_bytes %s raised to %s (three of the largest tile, %s)",
-            format_size(budget), format_size(floor), format_size(largest),
-        )  # fmt: skip
+    if 0 < budget < floor:
+        raise ConfigError(
+            f"pinned_bytes={format_size(budget)} cannot hold the pipeline's buffers: it needs "
+            f"{format_size(floor)}, three of the largest tile ({format_size(largest)}: two "
+            "being read or updated, one being written). Give at least that, pinned_bytes=0 "
+            "for exactly that, or a smaller tile_bytes"
+        )
     return max(budget, floor)
