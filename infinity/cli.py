@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 
@@ -259,18 +258,15 @@ def store_compact(paths) -> None:
         click.echo(f"released {format_size(s.compact())}")
 
 
-def _count(ctx, param, value):
+def _params(ctx, param, value):
+    from infinity.estimate import parse_params
+
     if value is None:
         return None
     try:
-        number = float(str(value).lower().rstrip("b")) * (
-            1e9 if str(value).lower().endswith("b") else 1
-        )
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: use a number such as 70e9 or 7B") from None
-    if not math.isfinite(number) or number < 1 or number != int(number):
-        raise click.BadParameter(f"{value!r} is not a positive whole number of parameters")
-    return int(number)
+        return parse_params(value)
+    except InfinityError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _gb(nbytes: int) -> str:
@@ -278,7 +274,7 @@ def _gb(nbytes: int) -> str:
 
 
 @main.command()
-@click.option("--params", callback=_count, help="Parameter count, e.g. 70e9 or 7B.")
+@click.option("--params", callback=_params, help="Parameter count: 125M, 7B, 1.5T or 70e9.")
 @click.option(
     "--model",
     "model_path",
@@ -299,8 +295,18 @@ def _gb(nbytes: int) -> str:
     type=click.Choice(["fp32", "bf16", "fp16", "int8", "int4"]),
     help="Inference weights.",
 )
-@click.option("--gpu-budget", callback=_size, help="Inference: GPU bytes for weights + KV cache.")
-@click.option("--host-budget", callback=_size, help="Inference from NVMe: host bytes for layers.")
+@click.option(
+    "--gpu-budget",
+    callback=_size,
+    help="Memory of one GPU, to check what fits (inference: also the resident layers) "
+    "[default: this machine's GPU].",
+)
+@click.option(
+    "--host-budget",
+    callback=_size,
+    help="Host memory of one node, to check what fits (inference from NVMe: also the cached "
+    "layers) [default: this machine's RAM].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def estimate(
     params,
@@ -317,11 +323,9 @@ def estimate(
     host_budget,
     as_json,
 ) -> None:
-    """Per-GPU, host and NVMe bytes for data parallelism, ZeRO-1/2/3, offload and inference."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from infinity.estimate import ModelSpec
+    """Whether a model fits for training (data parallelism, ZeRO-1/2/3, offload) and streamed
+    inference: the answer first, then the bytes per GPU, host and NVMe with their formulas."""
+    from infinity.estimate import ModelSpec, answer
     from infinity.estimate import estimate as run_estimate
 
     if (params is None) == (model_path is None):
@@ -344,16 +348,87 @@ def estimate(
         gpu_budget_bytes=gpu_budget,
         host_budget_bytes=host_budget,
     )
+    budgets = _budgets(gpu_budget, host_budget)
+    fits = answer(result, budgets["gpu_bytes"], budgets["host_bytes"])
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        doc = result.to_dict() | {"budgets": budgets, "answer": [f.to_dict() for f in fits]}
+        click.echo(json.dumps(doc, indent=2))
         return
+    for fit in fits:
+        click.echo(_fit_line(fit, gpus, nodes, budgets))
     click.echo(
-        f"model: {spec.params:,} parameters ({spec.source}); {gpus} GPU(s) over {nodes} node(s). "
-        "GPU bytes per GPU, host and NVMe bytes per node; GB = 1e9 bytes."
+        f"model: {spec.params:,} parameters ({spec.source}); {gpus} GPU(s) over {nodes} node(s); "
+        "GPU bytes per GPU, host and NVMe bytes per node; GB = 1e9 bytes"
+        + ("" if result.activations else "; activations not counted (--batch and --seq)")
     )
+    click.echo(_budget_line(budgets))
+    _estimate_table(result, budgets)
+    for note in result.notes:
+        click.echo(f"note: {note}")
+
+
+def _budgets(gpu_bytes: int | None, host_bytes: int | None) -> dict:
+    """The budgets to check against: as given, else this machine's (its smallest GPU, its RAM
+    or its memory cgroup's limit if lower); None where there is none."""
+    out = {"gpu_bytes": gpu_bytes, "gpu_from": "--gpu-budget"}
+    out |= {"host_bytes": host_bytes, "host_from": "--host-budget"}
+    if gpu_bytes is None or host_bytes is None:
+        from infinity import info
+
+        if gpu_bytes is None:
+            found = [g["memory_bytes"] for g in info.gpus()]
+            out |= {"gpu_bytes": min(found, default=None), "gpu_from": "this machine"}
+        if host_bytes is None:
+            host = info.host()
+            limit = host["cgroup_memory_limit_bytes"]
+            ram = host["ram_total_bytes"] if limit is None else min(limit, host["ram_total_bytes"])
+            out |= {"host_bytes": ram, "host_from": "this machine"}
+    return out
+
+
+def _budget_line(budgets: dict) -> str:
+    gpu, host = budgets["gpu_bytes"], budgets["host_bytes"]
+    shown = [
+        f"GPU {_gb(gpu)} ({budgets['gpu_from']})"
+        if gpu is not None
+        else "no GPU (none on this machine: give --gpu-budget, e.g. 80GB)",
+        f"host {_gb(host)} ({budgets['host_from']})",
+    ]
+    return "checked against: " + ", ".join(shown)
+
+
+def _fit_line(fit, gpus: int, nodes: int, budgets: dict) -> str:
+    """One line: fits / does not fit / what it needs, with which scenario."""
+    gpu, host = budgets["gpu_bytes"], budgets["host_bytes"]
+
+    def need(device: str, nbytes: int, unit: str) -> str:
+        return f"{_gb(nbytes)} {unit}" + (" (over)" if device in fit.over else "")
+
+    needs = [need("gpu", fit.gpu_bytes, "per GPU")]
+    needs += [need("host", fit.host_bytes, "host")] if fit.host_bytes else []
+    needs += [f"{_gb(fit.nvme_bytes)} NVMe"] if fit.nvme_bytes else []
+    how = fit.scenario.removeprefix("inference, ").removeprefix("inference ")
+    how += f" + activations ({fit.activations})" if fit.activations else ""
+    what = fit.kind.capitalize()
+    needs = ", ".join([how, *needs])
+    if fit.fits is None:
+        return f"{what} needs at least: {needs}"
+    machine = f"{gpus} GPU{'s' if gpus > 1 else ''} of {_gb(gpu)} and {_gb(host)} of host memory"
+    machine += f" per node ({nodes} nodes)" if nodes > 1 else ""
+    if fit.fits:
+        return f"{what} fits {machine}: {needs}"
+    return f"{what} does not fit {machine}; at the least: {needs}"
+
+
+def _estimate_table(result, budgets: dict) -> None:
+    """The terms of every scenario with their formulas: at the terminal's width (long cells
+    wrap), or when piped as wide as the table needs (nothing cut, nothing wrapped)."""
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(show_lines=False)
     for col in ("term", "where", "formula", "bytes"):
-        table.add_column(col, justify="right" if col == "bytes" else "left")
+        table.add_column(col, justify="right" if col == "bytes" else "left", overflow="fold")
     for sc in result.scenarios:
         table.add_section()
         table.add_row(f"[bold]{sc.name}[/bold]", "", "", "")
@@ -362,7 +437,15 @@ def estimate(
         totals = ", ".join(
             f"{d} {_gb(sc.total(d))}" for d in ("gpu", "host", "nvme") if sc.total(d)
         )
-        table.add_row("[bold]total[/bold]", "", "", totals or "0")
+        over = [
+            d
+            for d in ("gpu", "host")
+            if budgets[f"{d}_bytes"] is not None and sc.total(d) > budgets[f"{d}_bytes"]
+        ]
+        verdict = f"over: {', '.join(over)}" if over else "fits"
+        if budgets["gpu_bytes"] is None and not over:
+            verdict = ""
+        table.add_row("[bold]total[/bold]", "", verdict, totals or "0")
         if sc.kind == "training" and result.activations:
             for mode in result.activations:
                 with_act = sc.total("gpu") + result.activation_bytes(mode)
@@ -372,9 +455,10 @@ def estimate(
         table.add_row(f"[bold]activations per GPU, {mode}[/bold]", "", "", "")
         for t in terms:
             table.add_row(t.name, t.device, t.formula, _gb(t.nbytes))
-    Console(width=200).print(table)
-    for note in result.notes:
-        click.echo(f"note: {note}")
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=Console(width=100_000).measure(table).maximum)
+    console.print(table)
 
 
 @main.command()
@@ -490,9 +574,57 @@ def convert_cmd(hf_dir, store_dir, dtype, nvme_paths, overwrite, as_json) -> Non
 
 @main.command("generate")
 @click.argument("store_dir", type=click.Path(exists=True, file_okay=False), callback=_directory)
-@click.option("--prompt", required=True, help="The prompt (repeated for each batch row).")
+@click.option(
+    "--prompt",
+    "prompts",
+    required=True,
+    multiple=True,
+    help="The prompt; repeat it for a batch of different prompts.",
+)
+@click.option(
+    "--tokenizer",
+    "tokenizer_dir",
+    metavar="DIR",
+    help="Folder with the tokenizer files (or a Hub cache models--ORG--NAME folder) "
+    "[default: the store's, else the checkpoint's it was converted from].",
+)
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1))
-@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--batch-size",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Copies of each prompt.",
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(0),
+    help="0 or unset: greedy (the most likely token each step); above 0: sampled.",
+)
+@click.option(
+    "--top-p",
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Sample from the smallest set of tokens this likely [default: the model's "
+    "generation_config, else 1.0].",
+)
+@click.option(
+    "--top-k",
+    type=click.IntRange(1),
+    help="Sample from this many most likely tokens [default: the model's generation_config, "
+    "else 50].",
+)
+@click.option("--seed", type=click.IntRange(0), help="Makes sampling repeatable.")
+@click.option(
+    "--chat/--no-chat",
+    default=None,
+    help="Wrap each prompt in the tokenizer's chat template as a user message "
+    "[default: on when the tokenizer has a chat template].",
+)
+@click.option(
+    "--ignore-eos",
+    is_flag=True,
+    help="Always --max-new-tokens tokens (end of sequence suppressed; for timing).",
+)
 @click.option("--device", default=None, help="cuda, cuda:N or cpu [default: cuda if present]")
 @click.option("--gpu-bytes", callback=_size, help="Device memory for weights [half the free].")
 @click.option("--pinned-bytes", callback=_size, help="Pinned RAM for weights [model, <= RAM/2].")
@@ -504,29 +636,79 @@ def convert_cmd(hf_dir, store_dir, dtype, nvme_paths, overwrite, as_json) -> Non
     help="Stream whole layers, or each weight matrix alone (less GPU memory).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def generate_cmd(store_dir, prompt, max_new_tokens, batch_size, device, gpu_bytes, pinned_bytes,
+def generate_cmd(store_dir, prompts, tokenizer_dir, max_new_tokens, batch_size, temperature,
+                 top_p, top_k, seed, chat, ignore_eos, device, gpu_bytes, pinned_bytes,
                  granularity, as_json) -> None:  # fmt: skip
-    """Generate text with a converted model streamed from STORE_DIR; report where time went."""
+    """Generate text with a converted model streamed from STORE_DIR; report where time went.
+
+    Stops at the model's end-of-sequence token(s) or after --max-new-tokens. A single
+    sequence is printed as its tokens come."""
     import torch
 
-    from infinity.inference.generate import generate
+    from infinity.inference.generate import check_arguments, generate, tokenizer_for
 
+    check_arguments(prompts, max_new_tokens, batch_size, temperature, top_p, top_k, seed)
+    tokenizer = tokenizer_for(store_dir, tokenizer_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    streamer = None
+    if not as_json and len(prompts) * batch_size == 1:
+        chat_on = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+        streamer = _echo_streamer(tokenizer, "" if chat_on else prompts[0])
     result = generate(
-        store_dir, prompt, max_new_tokens, batch_size, device=device, gpu_bytes=gpu_bytes,
+        store_dir, list(prompts), max_new_tokens, batch_size, device=device,
+        tokenizer=tokenizer, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+        chat=chat, ignore_eos=ignore_eos, streamer=streamer, gpu_bytes=gpu_bytes,
         pinned_bytes=pinned_bytes, granularity=granularity,
     )  # fmt: skip
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
         return
-    for i, text in enumerate(result.texts):
-        click.echo(f"[{i}] {prompt}{text}")
-    s = result.stats
-    click.echo(
-        f"{result.batch_size} x {result.new_tokens} new tokens in {result.total_s:.2f} s: "
-        f"{result.tokens_per_s:.2f} tokens/s ({result.decode_tokens_per_s:.2f} after the first; "
-        f"first token {result.first_token_s:.2f} s)"
+    if streamer is None:
+        chat_on = result.settings["chat"]
+        for i, text in enumerate(result.texts):
+            click.echo(f"[{i}] {'' if chat_on else prompts[i // batch_size]}{text}")
+    _generate_summary(result)
+
+
+def _echo_streamer(tokenizer, prompt: str):
+    """transformers' TextStreamer that prints ``prompt`` when generation starts, then the new
+    text as it comes (special tokens left out), then a newline."""
+    from transformers import TextStreamer
+
+    class Echo(TextStreamer):
+        def put(self, value) -> None:
+            if self.next_tokens_are_prompt and prompt:
+                click.echo(prompt, nl=False)
+            super().put(value)
+
+    return Echo(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def _generate_summary(result) -> None:
+    tokens, n = result.tokens, result.batch_size
+    eos = result.stopped.count("eos")
+    count = (
+        f"{n} x {tokens[0]} new tokens"
+        if len(set(tokens)) == 1
+        else f"{sum(tokens)} new tokens ({n} sequences, {min(tokens)} to {max(tokens)} each)"
     )
+    stopped = ""
+    if eos:
+        stopped = "; stopped at end of sequence" + (f": {eos} of {n}" if n > 1 else "")
+    click.echo(
+        f"{count} in {result.total_s:.2f} s: {result.tokens_per_s:.2f} tokens/s "
+        f"({result.decode_tokens_per_s:.2f} after the first; first token "
+        f"{result.first_token_s:.2f} s){stopped}"
+    )
+    st = result.settings
+    how = (
+        f"sampled: temperature {st['temperature']:g}, top-p {st['top_p']:g}, top-k {st['top_k']}"
+        + (f", seed {st['seed']}" if st["seed"] is not None else "")
+        if st["do_sample"]
+        else "greedy"
+    )
+    click.echo(how + ("; chat template applied" if st["chat"] else ""))
+    s = result.stats
     click.echo(
         f"time: waiting for weights {s['stall_s']:.2f} s, the rest computing; disk "
         f"{_gb(s['disk_bytes'])} in {s['disk_s']:.2f} s of reads, host->GPU {_gb(s['h2d_bytes'])}"

@@ -47,12 +47,18 @@ on q/k/v for Qwen2 and where ``attention_bias`` is set, MLP biases where ``mlp_b
 Another architecture with ``hidden_size``, ``num_hidden_layers`` and ``intermediate_size`` gets
 the same formula, and ``ModelSpec.note`` says so. Dimensions outside ``MODEL_LIMITS`` (zero,
 negative, or beyond any real model) are refused: ``check_model_config``, which convert uses too.
+
+The answer (``answer``): for training and for inference, the scenario that fits a GPU and host
+budget with the least offload (no activation checkpointing before full, then the lowest ZeRO
+stage), or, when none fits, the one that needs the least GPU memory. ``parse_params`` reads
+counts as people write them (125M, 7B, 1.5T, 70e9) and refuses a bare count below 10,000.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 
 from infinity.errors import ConfigError
@@ -546,3 +552,97 @@ def estimate(
     if offload is not None:
         scenarios = [s for s in scenarios if s.offload == offload]
     return Estimate(model, gpus, nodes, tuple(scenarios), activations, tuple(notes))
+
+
+_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+BARE_COUNT_LIMIT = 10_000  # a bare count below this is a size without its suffix ("70": 70B?)
+
+
+def parse_params(text: str | int | float) -> int:
+    """A parameter count: 125M, 7B, 1.5T, 70e9 or 7000000000 (K, M, B or G, T: thousand,
+    million, billion, trillion). ConfigError for anything else, and for a bare number below
+    BARE_COUNT_LIMIT, which is a size whose suffix was left off ("70": did you mean 70B?)."""
+    from decimal import Decimal, DecimalException
+
+    raw = str(text).strip().replace("_", "").replace(",", "")
+    found = re.fullmatch(r"(.*[\d.])\s*([kmbgt])", raw, re.IGNORECASE)
+    digits, suffix = (found[1], found[2].lower()) if found else (raw, "")
+    try:
+        number = Decimal(digits) * _SUFFIXES[suffix]
+    except DecimalException:
+        raise ConfigError(
+            f"{text!r} is not a parameter count: use a number with a suffix, such as 125M, 7B, "
+            "1.5T, or a plain count such as 70e9"
+        ) from None
+    if not number.is_finite() or number < 1 or number != number.to_integral_value():
+        raise ConfigError(f"{text!r} is not a positive whole number of parameters")
+    if number > MAX_PARAMS:
+        raise ConfigError(
+            f"{text!r}: the parameter count must be a whole number from 1 to {MAX_PARAMS:.0e} "
+            "(the largest models have about 2e12)"
+        )
+    if not suffix and number < BARE_COUNT_LIMIT:
+        raise ConfigError(
+            f"{text!r} would be {int(number)} parameters: did you mean {raw}B? (or {raw}M; "
+            "counts take a suffix: 125M, 7B, 1.5T, or are written out: 70e9)"
+        )
+    return int(number)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """The answer for training or for inference: the scenario that fits with the least offload
+    (``fits`` True), or the one that needs the least GPU memory when none fits (False) or when
+    there is no GPU budget to compare with (None). Bytes as in Scenario: per GPU, per node."""
+
+    kind: str  # "training" | "inference"
+    fits: bool | None
+    scenario: str
+    activations: str | None  # the activation mode counted in gpu_bytes (training with --batch)
+    gpu_bytes: int
+    host_bytes: int
+    nvme_bytes: int
+    over: tuple[str, ...] = ()  # "gpu", "host": what is over budget (when it does not fit)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_OFFLOAD_RANK = {"none": 0, "cpu": 1, "nvme": 2}
+
+
+def answer(est: Estimate, gpu_bytes: int | None, host_bytes: int | None) -> tuple[Fit, ...]:
+    """For training and for streamed inference (those in ``est``), whether one scenario fits
+    ``gpu_bytes`` per GPU and ``host_bytes`` per node (None: not checked) and which: the least
+    offload, then (training) no activation checkpointing before full, then the lowest ZeRO
+    stage. NVMe bytes are reported, not checked."""
+    fits = []
+    for kind in ("training", "inference"):
+        options = []  # (preference, scenario, activation mode, gpu, host, nvme)
+        for sc in (s for s in est.scenarios if s.kind == kind):
+            modes = list(est.activations) if kind == "training" and est.activations else [None]
+            for j, mode in enumerate(modes):
+                gpu = sc.total("gpu") + (est.activation_bytes(mode) if mode else 0)
+                rank = (_OFFLOAD_RANK[sc.offload], j, sc.stage or 0)
+                options.append((rank, sc, mode, gpu, sc.total("host"), sc.total("nvme")))
+        if not options:
+            continue
+
+        def over(option) -> tuple[str, ...]:
+            _, _, _, gpu, host, _ = option
+            return tuple(
+                d
+                for d, need, have in (("gpu", gpu, gpu_bytes), ("host", host, host_bytes))
+                if have is not None and need > have
+            )
+
+        fitting = sorted((o for o in options if not over(o)), key=lambda o: o[0])
+        if gpu_bytes is not None and fitting:
+            best, verdict = fitting[0], True
+        else:  # the least GPU memory, among those within the host budget if any are
+            pool = fitting or options
+            best = min(pool, key=lambda o: (o[3], o[4], o[0]))
+            verdict = None if gpu_bytes is None else False
+        _, sc, mode, gpu, host, nvme = best
+        fits.append(Fit(kind, verdict, sc.name, mode, gpu, host, nvme, over(best)))
+    return tuple(fits)

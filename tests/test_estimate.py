@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from infinity.cli import main
 from infinity.errors import ConfigError
-from infinity.estimate import ModelSpec, check_model_config, estimate
+from infinity.estimate import ModelSpec, answer, check_model_config, estimate, parse_params
 
 LLAMA2_7B = {
     "model_type": "llama",
@@ -307,3 +307,140 @@ def test_cli_bad_arguments_exit_2_with_the_fix():
     )
     assert res.returncode == 2
     assert "error: --gpus 3 over --nodes 2" in res.stderr and "multiple of nodes" in res.stderr
+
+
+# -- counts with suffixes, and the answer first -----------------------------------------------
+@pytest.mark.parametrize(
+    "text, count",
+    [("125M", 125 * 10**6), ("7B", 7 * 10**9), ("7b", 7 * 10**9), ("1.5T", 15 * 10**11),
+     ("70e9", 70 * 10**9), ("1.1B", 11 * 10**8), ("0.5B", 5 * 10**8), ("12345", 12345),
+     ("7_000_000_000", 7 * 10**9), ("340k", 340_000)],
+)  # fmt: skip
+def test_param_counts_take_the_usual_suffixes(text, count):
+    assert parse_params(text) == count
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("70", "'70' would be 70 parameters: did you mean 70B?"), ("9999", "did you mean 9999B?"),
+     ("7X", "is not a parameter count: use a number with a suffix, such as 125M, 7B, 1.5T"),
+     ("7GB", "is not a parameter count"), ("", "is not a parameter count"),
+     ("1.2345678901B", "not a positive whole number"), ("0", "not a positive whole number"),
+     ("-7B", "not a positive whole number"), ("2000T", "whole number from 1 to 1e+15")],
+)  # fmt: skip
+def test_bare_small_or_malformed_counts_are_refused(text, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_params(text)
+
+
+def test_cli_refuses_70_parameters_with_a_hint_and_takes_suffixes():
+    res = CliRunner().invoke(main, ["estimate", "--params", "70"])
+    assert res.exit_code == 2 and "did you mean 70B?" in res.output, res.output
+    assert "GB" not in res.output  # refused, not estimated
+    res = CliRunner().invoke(main, ["estimate", "--params", "1.5T", "--json", "--gpu-budget",
+                                    "80GB", "--host-budget", "1TB"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["model"]["params"] == 1_500_000_000_000
+
+
+def _lines(*args: str) -> list[str]:
+    res = CliRunner().invoke(main, ["estimate", *args])
+    assert res.exit_code == 0, res.output
+    return res.output.splitlines()
+
+
+def test_the_answer_comes_first(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(LLAMA2_7B))
+    psi = ModelSpec.from_hf_config(LLAMA2_7B).params
+    # 8 GPUs of 80 GB: data parallel needs 16 B x Ψ = 108 GB per GPU; ZeRO-1 4 B x Ψ + 12 B x
+    # Ψ / 8 + the 1 GB reduce bucket = 38 GB fits, without offload
+    lines = _lines("--model", str(path), "--gpus", "8", "--gpu-budget", "80GB",
+                   "--host-budget", "1TB")  # fmt: skip
+    zero1 = 4 * psi + 12 * psi // 8 + 10**9
+    assert lines[0] == (
+        "Training fits 8 GPUs of 80.00 GB and 1,000.00 GB of host memory: ZeRO-1, "
+        f"{zero1 / 1e9:.2f} GB per GPU"
+    )
+    assert lines[1] == (
+        "Inference fits 8 GPUs of 80.00 GB and 1,000.00 GB of host memory: all weights on GPU "
+        f"(bf16), {2 * psi / 1e9:.2f} GB per GPU"
+    )
+    assert lines[2].startswith("model: 6,738,415,616 parameters")
+    budgets = "GPU 80.00 GB (--gpu-budget), host 1,000.00 GB (--host-budget)"
+    assert lines[3] == f"checked against: {budgets}"
+    # 1 GPU of 24 GB, 15 GB of host memory: every offload needs more host memory (the NVMe
+    # swap buffers of the optimizer alone: 4 x 1e9 x 4 B = 16 GB); the least GPU memory is with
+    # ZeRO-3 and everything on NVMe (the largest tensor gathered, 4 B x 32000 x 4096)
+    lines = _lines("--model", str(path), "--gpu-budget", "24GB", "--host-budget", "15GB")
+    assert lines[0] == (
+        "Training does not fit 1 GPU of 24.00 GB and 15.00 GB of host memory; at the least: "
+        "ZeRO-3, offload_optimizer=nvme, offload_param=nvme, 0.52 GB per GPU, 17.00 GB host "
+        f"(over), {18 * psi / 1e9:,.2f} GB NVMe"
+    )
+    assert lines[1].startswith("Inference fits 1 GPU of 24.00 GB and 15.00 GB of host memory:")
+    # 12 GB: all weights (13.5 GB) do not fit; streamed from the CPU does, with as many resident
+    # layers as --gpu-budget allows
+    lines = _lines("--model", str(path), "--gpu-budget", "12GB", "--host-budget", "16GB")
+    assert lines[1].startswith(
+        "Inference fits 1 GPU of 12.00 GB and 16.00 GB of host memory: streamed from CPU (bf16)"
+    ), lines[1]
+    # activations: without checkpointing they do not fit 80 GB at 8k tokens; with full
+    # checkpointing they do
+    lines = _lines("--model", str(path), "--gpus", "8", "--gpu-budget", "80GB", "--host-budget",
+                   "1TB", "--batch", "1", "--seq", "8192")  # fmt: skip
+    assert lines[0].startswith("Training fits 8 GPUs of 80.00 GB and 1,000.00 GB of host memory: ")
+    assert "+ activations (full checkpointing)" in lines[0], lines[0]
+
+
+def test_answer_picks_the_least_offload_that_fits():
+    spec = ModelSpec.from_hf_config(LLAMA2_7B)
+    est = estimate(spec, gpus=8)
+    training, inference = answer(est, 80 * 10**9, 10**12)
+    assert (training.fits, training.scenario, training.over) == (True, "ZeRO-1", ())
+    assert inference.scenario == "inference, all weights on GPU (bf16)"
+    # 16 GB GPUs, 500 GB host: ZeRO-3 without offload fits (16 B x Ψ / 8 = 13.5 GB and the
+    # gathered layer); of stages 1 and 2, only with the optimizer on the CPU, the lower stage
+    # first: 2 B x Ψ of weights + the bucket on the GPU, 16 B x Ψ / 8 x 8 GPUs on the host
+    training, _ = answer(est, 16 * 10**9, 500 * 10**9)
+    assert training.fits and training.scenario == "ZeRO-3", training
+    training, _ = answer(estimate(spec, gpus=8, stages=(1, 2)), 16 * 10**9, 500 * 10**9)
+    assert training.fits and training.scenario == "ZeRO-1, offload_optimizer=cpu", training
+    assert training.gpu_bytes == 2 * spec.params + 10**9
+    assert training.host_bytes == 16 * spec.params
+    # no GPU budget: not judged, the least GPU memory within the host budget
+    training, inference = answer(est, None, 500 * 10**9)
+    assert training.fits is None and training.host_bytes <= 500 * 10**9
+    assert training.gpu_bytes == min(
+        s.total("gpu") for s in est.scenarios if s.kind == "training" and s.total("host") <= 5e11
+    )
+
+
+def test_details_are_not_cut_when_piped(tmp_path):
+    """Not a terminal: the table is as wide as it needs, whatever COLUMNS says."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(LLAMA2_7B))
+    res = CliRunner().invoke(
+        main,
+        ["estimate", "--model", str(path), "--batch", "1", "--seq", "2048", "--gpu-budget",
+         "80GB", "--host-budget", "1TB"],
+        env={"COLUMNS": "60"},
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    kv = "2 x L x b x s x kv_heads x head_dim x 2 B = 2 x 32 x 1 x 2048 x 32 x 128 x 2"
+    assert any(kv in line for line in res.output.splitlines()), res.output
+    table = [line for line in res.output.splitlines() if line[:1] in "┏┃┡│├└"]
+    assert len({len(line) for line in table}) == 1 and len(table[0]) > 60
+    assert "…" not in res.output
+
+
+def test_budgets_default_to_this_machine():
+    import psutil
+
+    res = CliRunner().invoke(main, ["estimate", "--params", "7B", "--json"])
+    assert res.exit_code == 0, res.output
+    budgets = json.loads(res.output)["budgets"]
+    assert budgets["host_from"] == "this machine"
+    assert 0 < budgets["host_bytes"] <= psutil.virtual_memory().total
+    line = _lines("--params", "7B")[3]
+    assert line.startswith("checked against: ") and "(this machine)" in line, line
