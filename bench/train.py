@@ -4,12 +4,13 @@ on NVMe, ours (``OffloadedAdamW``) against DeepSpeed ZeRO-3 ``offload_optimizer:
 bound ``N * (12 / BW_read + 12 / BW_write)`` with both bandwidths measured in the same run.
 
     python bench/train.py --dir .t/train --json $OUT/train.json        # 0.95B model, all systems
-    python bench/train.py --tiny --systems bounds,ours                  # CI, CPU ok
+    python bench/train.py --tiny --systems bounds,ours --curve ""       # CI, CPU ok
 
 Systems (``--systems``, in that order): bounds (disk write then cold read of a scratch file with
 the raw AioEngine, O_DIRECT), ours (pinned_bytes=0, then the RAM-tier curve over f, the
-fraction of states kept in RAM), deepspeed (``ds-nonpipe``: buffer_count 4, and ``ds-pipe``:
-pipeline_read/write with buffer_count 12; sub_group_size 1e8). Each system runs in its own
+fraction of states kept in RAM, ``--curve``), deepspeed (both of ``ds-nonpipe``: buffer_count
+4, and ``ds-pipe``: pipeline_read/write, buffer_count 12; sub_group_size 1e8; each can be
+named alone). Each system runs in its own
 child process. Every step is timed as forward+backward, then the optimizer step (CUDA synced);
 the bytes each moved come from the executor's stats (ours) and /proc/self/io (both).
 Output: a table, JSON (machine, git SHA, config, every step, bounds, ratios) and a PNG.
@@ -36,7 +37,6 @@ from _common import ROOT, git_sha  # noqa: E402
 FULL = {"hidden": 2048, "intermediate": 5632, "layers": 16, "heads": 16, "vocab": 32000,
         "seq": 512}  # fmt: skip
 TINY = {"hidden": 64, "intermediate": 160, "layers": 2, "heads": 4, "vocab": 512, "seq": 32}
-CURVE = (0.25, 0.5, 0.75)  # fractions of the states kept in RAM
 DS_CONFIGS = {"ds-nonpipe": (4, False), "ds-pipe": (12, True)}  # buffer_count, pipelined
 
 
@@ -171,7 +171,7 @@ def run_ours(args, shape, result) -> None:
     def fwd_bwd():
         model(input_ids=ids, labels=ids).loss.backward()
 
-    for f in (0.0, *(CURVE if args.curve else ())):
+    for f in (0.0, *args.curve):
         m.remove(store)
         opt = OffloadedAdamW(model.parameters(), store, lr=1e-5, weight_decay=0.01,
                              pinned_bytes=0, fused=True)  # fmt: skip
@@ -375,7 +375,11 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--systems", default="bounds,ours,deepspeed")
     ap.add_argument("--steps", type=int, default=4, help="steps per run (the first is not timed)")
-    ap.add_argument("--no-curve", dest="curve", action="store_false")
+    ap.add_argument(
+        "--curve",
+        default="0.25,0.5,0.75",
+        help="fractions f of the states kept in RAM to measure ('' for none)",
+    )
     ap.add_argument("--device", default=None)
     ap.add_argument("--bound-bytes", default="8GiB", help="the scratch file of the disk bounds")
     ap.add_argument("--ds-sub-group", type=float, default=1e8)
@@ -383,6 +387,7 @@ def main() -> None:
     ap.add_argument("--system", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--part", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.curve = [float(f) for f in args.curve.split(",") if f.strip()]
     import torch
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -425,7 +430,7 @@ def main() -> None:
             "--ds-sub-group",
             str(args.ds_sub_group),
         ]
-        cmd += ["--tiny"] * args.tiny + ["--no-curve"] * (not args.curve)  # fmt: skip
+        cmd += ["--tiny"] * args.tiny + ["--curve", ",".join(map(str, args.curve))]
         print(f"== {name}", flush=True)
         start = time.time()
         try:

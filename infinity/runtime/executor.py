@@ -75,6 +75,11 @@ class Executor:
         self._pool = pool
         self._pinned: dict[int, tuple[torch.Tensor, bool]] = {}  # unit -> (buffer, from pool)
         self._dirty: dict[int, object] = {}  # released dirty: unit -> event after its writes
+        # CPU device: a unit's "device" copy is its pinned buffer itself (no copy); a pinned
+        # buffer the plan frees while its unit is still on the device is freed with it, and a
+        # unit being written to disk is handed to the driver only once that write is done
+        self._kept: dict[int, tuple[torch.Tensor, bool]] = {}
+        self._disk_writes: set[int] = set()
         self._writing: set[int] = set()  # acquired with write=True, not yet released
         self._inflight = 0
         self._error: BaseException | None = None
@@ -108,7 +113,10 @@ class Executor:
             self._run(self._sched.step(i, writes=True if write else None))
             if write:
                 self._writing.add(i)
-            self._cond.wait_for(lambda: self._error is not None or self._sched.on_gpu(i))
+            self._cond.wait_for(
+                lambda: self._error is not None
+                or (self._sched.on_gpu(i) and (self._cuda or i not in self._disk_writes))
+            )
             self._raise()
             _, views, ready = self._on_device[i]
         self._stats["stall_s"] += time.perf_counter() - start
@@ -203,21 +211,29 @@ class Executor:
                 self._track(a, self._reader.submit(job))
             elif a.kind == COPY_BACK:
                 if a.tensor not in self._pinned:
-                    self._pinned[a.tensor] = self._host_buffer(unit)
+                    kept = self._kept.pop(a.tensor, None)  # the device copy's own memory
+                    self._pinned[a.tensor] = kept or self._host_buffer(unit)
                 job = partial(self._copy_back, a.tensor, self._pinned[a.tensor][0])
                 self._track(a, self._copier.submit(job))
             elif a.kind == WRITE:
                 self._stats["writes"] += 1
                 host = self._pinned[a.tensor][0]
                 keys = self._read_keys[a.tensor] = self._write_keys[a.tensor]
+                self._disk_writes.add(a.tensor)
                 future = self.store.pwrite(keys, list(unit.views(host).values()))
                 self._track(a, future)
             elif a.kind == FREE_PINNED:
                 buffer, pooled = self._pinned.pop(a.tensor)
-                if pooled:
+                on_device = self._on_device.get(a.tensor)
+                if on_device is not None and on_device[0] is buffer:  # CPU: still in use
+                    self._kept[a.tensor] = (buffer, pooled)
+                elif pooled:
                     self._pool.free(buffer)
             elif a.kind == FREE_GPU:
                 self._on_device.pop(a.tensor, None)
+                buffer, pooled = self._kept.pop(a.tensor, (None, False))
+                if pooled:
+                    self._pool.free(buffer)
 
     def _track(self, action, future: Future) -> None:
         self._inflight += 1
@@ -241,8 +257,8 @@ class Executor:
             buffer = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
             ready = copy(buffer, host)
             ready.synchronize()  # the pinned buffer may be freed or refilled after this
-        else:
-            buffer, ready = host.clone(), None
+        else:  # the CPU works on the pinned buffer itself (FREE_PINNED waits for FREE_GPU)
+            buffer, ready = host, None
         self._stats["copy_s"] += time.perf_counter() - start
         self._stats["copies"] += 1
         self._stats["h2d_bytes"] += unit.nbytes
@@ -254,10 +270,11 @@ class Executor:
         with self._cond:
             after = self._dirty.pop(i, None)
             buffer, views, _ = self._on_device[i]
+        event = None
         if buffer is None:  # reached the device as separate tensors (READ_TO_GPU)
             for piece in self.units[i].pieces:
                 event = copy(piece.view(host), views[piece.key], after=after)
-        else:
+        elif buffer is not host:  # (on the CPU the device copy is the pinned buffer itself)
             event = copy(host, buffer, after=after)
         if event is not None:
             event.synchronize()
@@ -292,6 +309,8 @@ class Executor:
                 return
             if action.kind in (COPY, READ_TO_GPU):
                 self._on_device[action.tensor] = future.result()
+            elif action.kind == WRITE:
+                self._disk_writes.discard(action.tensor)
             try:
                 self._run(self._sched.done(action.id))
             except BaseException as exc:  # noqa: BLE001 (handed to the compute thread)
@@ -329,7 +348,8 @@ class Executor:
         self._copier.shutdown(wait=True)
         self._reader.shutdown(wait=True)
         self._on_device.clear()
-        for buffer, pooled in self._pinned.values():
+        for buffer, pooled in [*self._pinned.values(), *self._kept.values()]:
             if pooled:
                 self._pool.free(buffer)
         self._pinned.clear()
+        self._kept.clear()
