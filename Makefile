@@ -73,7 +73,9 @@ bench-tiny: aio-op
 	$(PY) bench/store.py --dir "$$dir" --tensors 4 --tensor-size 1MiB --repeats 1 --json "$$dir/store.json" && \
 	$(PY) bench/schedule.py --passes 5 --json "$$dir/schedule.json" && \
 	$(PY) bench/forward.py --tiny --systems synth,airllm,infinity --infinity-dtypes bf16,fp8 \
-	  --dir "$$dir/forward" --json "$$dir/forward.json"
+	  --dir "$$dir/forward" --json "$$dir/forward.json" && \
+	$(PY) bench/train.py --tiny --systems bounds,ours --curve 0.5 --steps 2 \
+	  --dir "$$dir/train" --json "$$dir/train.json"
 
 clean:
 	rm -rf build .asan $(STAMPS) infinity/_C*.so *.egg-info

@@ -5,6 +5,7 @@ bound ``N * (12 / BW_read + 12 / BW_write)`` with both bandwidths measured in th
 
     python bench/train.py --dir .t/train --json $OUT/train.json        # 0.95B model, all systems
     python bench/train.py --tiny --systems bounds,ours --curve ""       # CI, CPU ok
+    python bench/train.py ... --cgroup-mem 16GiB    # each system under a memory.max (root)
 
 Systems (``--systems``, in that order): bounds (disk write then cold read of a scratch file with
 the raw AioEngine, O_DIRECT), ours (pinned_bytes=0, then the RAM-tier curve over f, the
@@ -384,6 +385,11 @@ def main() -> None:
     ap.add_argument("--bound-bytes", default="8GiB", help="the scratch file of the disk bounds")
     ap.add_argument("--ds-sub-group", type=float, default=1e8)
     ap.add_argument("--system-timeout", type=float, default=900)
+    ap.add_argument(
+        "--cgroup-mem",
+        default=None,
+        help="run each system (not the bounds) under this cgroup memory.max",
+    )
     ap.add_argument("--system", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--part", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -432,17 +438,26 @@ def main() -> None:
         ]
         cmd += ["--tiny"] * args.tiny + ["--curve", ",".join(map(str, args.curve))]
         print(f"== {name}", flush=True)
+        cgroup = None
+        if args.cgroup_mem and name != "bounds":
+            cgroup = m.Cgroup(f"infinity-train-{name}-{os.getpid()}", parse(args.cgroup_mem))
+            cmd = cgroup.wrap(cmd)
         start = time.time()
         try:
             subprocess.run(cmd, timeout=args.system_timeout, check=False)
         except subprocess.TimeoutExpired:
             print(f"{name}: timed out after {args.system_timeout} s", flush=True)
+        finally:
+            cgroup_stats = cgroup.stats() if cgroup else None
+            if cgroup:
+                cgroup.remove()
         try:
             with open(part) as f:
                 res = json.load(f)
         except (OSError, json.JSONDecodeError) as exc:
             res = {"system": name, "status": "error", "error": f"no result: {exc!r}"}
         res["wall_s"] = time.time() - start
+        res["cgroup"] = cgroup_stats
         out["systems"][name] = res
         m.write_json(json_path, out)
     summarise(out)

@@ -130,8 +130,10 @@ class OffloadedAdamW(torch.optim.Optimizer):
         budget = _pinned_budget(pinned_bytes, total, largest)
         self._own_store = not isinstance(store, TieredStore)
         config = store_config or StoreConfig(pinned_bytes=0)  # the executor owns the buffers
-        # + the plan's device tier: on the CPU a tile being updated is its pinned buffer
-        pool_bytes = budget + 2 * largest
+        # + the plan's device tier (on the CPU a tile being updated is its pinned buffer) and
+        # one tile of slack: tiles of unequal sizes fragment the pool (seen: 116 MiB free in
+        # pieces, no 64 MiB block, a tile staged in pageable memory)
+        pool_bytes = budget + 3 * largest
         pool_bytes += (bounce_bytes(config.aio) + config.pinned_bytes) * self._own_store
         self._pool = PinnedPool(pool_bytes)
         opened = None
