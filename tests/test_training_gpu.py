@@ -10,12 +10,12 @@ pytestmark = pytest.mark.gpu
 
 
 class CpuMasters:
-    """The reference: fp32 masters on the CPU, torch's AdamW (single-tensor), cast back."""
+    """The reference: fp32 masters on the CPU, torch's fused AdamW, cast back."""
 
     def __init__(self, model, **kw):
         self.model = model
         self.masters = [p.detach().float().cpu().requires_grad_() for p in model.parameters()]
-        self.opt = torch.optim.AdamW(self.masters, foreach=False, **kw)
+        self.opt = torch.optim.AdamW(self.masters, fused=True, **kw)
 
     def step(self):
         for m, p in zip(self.masters, self.model.parameters(), strict=True):

@@ -71,7 +71,7 @@ def train(disk_dir, name, clipping, optimizer="ours"):
         kwargs = dict(store=path, lr=3e-3, max_grad_norm=1.0, store_config=small_config(0))
         kw = {"optimizer_cls_and_kwargs": (OffloadedAdamW, kwargs)}
     else:  # the reference: torch's AdamW, Trainer's clipping
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, foreach=False)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=True)
         sched = transformers.get_linear_schedule_with_warmup(opt, 2, 20)
         kw = {"optimizers": (opt, sched)}
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, **kw)

@@ -72,10 +72,11 @@ class OffloadedAdamW(torch.optim.Optimizer):
     0: the buffers only, three tiles; less than that but not 0: ConfigError).
     ``max_grad_norm``: clip by global norm before each step, as
     ``torch.nn.utils.clip_grad_norm_``. ``tile_bytes``: the unit of I/O and update.
-    ``foreach``/``fused``: as torch's AdamW (None: torch's choice; on the CPU, the single-tensor
-    kernels). ``store_config``: the StoreConfig of a store opened here. ``resumable``: two
-    slots per state on disk, so that a kill at any moment resumes from the last state_dict
-    (False: half the disk, one slot rewritten in place; see the module docstring)."""
+    ``foreach``/``fused``: as torch's AdamW; by default torch's fused CPU kernel (bitwise
+    ``torch.optim.AdamW(fused=True)``; ``fused=False`` for its single-tensor kernels).
+    ``store_config``: the StoreConfig of a store opened here. ``resumable``: two slots per
+    state on disk, so that a kill at any moment resumes from the last state_dict (False: half
+    the disk, one slot rewritten in place; see the module docstring)."""
 
     def __init__(
         self,
@@ -102,6 +103,8 @@ class OffloadedAdamW(torch.optim.Optimizer):
             raise ConfigError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
         if torch.device(device).type != "cpu":
             raise ConfigError(f"device {device!r}: OffloadedAdamW updates on the CPU for now")
+        if fused is None and not foreach:
+            fused = True  # torch's fused CPU AdamW: 1.26 ns/param against 5.97 unfused (2 cores)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=False,
             maximize=maximize, foreach=foreach, fused=fused, capturable=False,
