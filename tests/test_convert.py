@@ -397,15 +397,23 @@ def test_absurd_dimensions_are_refused_before_building(tmp_path_factory, tmp_pat
             plan_layout(hf_dir)
 
 
-def test_names_with_another_prefix_or_quantized_fail_clearly(tmp_path):
+def test_a_base_model_checkpoint_converts_as_from_pretrained_loads_it(tmp_path):
+    """Names without the "model." prefix get it (from_pretrained adds it); a head that is not
+    there is refused (from_pretrained would make it up at random), then the quantized refusal."""
     from transformers import LlamaConfig, LlamaModel
 
     hf_dir = tmp_path / "base"
-    LlamaModel(LlamaConfig(**SIZES)).save_pretrained(hf_dir)  # no "model." prefix
+    LlamaModel(LlamaConfig(**SIZES, tie_word_embeddings=True)).save_pretrained(hf_dir)
     config = json.loads((hf_dir / "config.json").read_text())
     config["architectures"] = ["LlamaForCausalLM"]
     (hf_dir / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="lack the prefix 'model.'.*LlamaForCausalLM"):
+    layout = run_convert(hf_dir, tmp_path / "tied")
+    assert layout.complete and layout.tied == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert "model.layers.0.self_attn.q_proj.weight" in layout.tensors
+    config["tie_word_embeddings"] = False
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    message = r"lacks 1 parameters of LlamaForCausalLM .*: lm_head\.weight: .*at random"
+    with pytest.raises(ConfigError, match=message):
         run_convert(hf_dir, tmp_path / "store")
     config["quantization_config"] = {"quant_method": "fp8"}
     (hf_dir / "config.json").write_text(json.dumps(config))

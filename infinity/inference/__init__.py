@@ -1,5 +1,6 @@
 """Streamed inference: ``convert`` a Hugging Face checkpoint into a store, ``load`` it to run
-layer by layer (``from infinity.inference import convert, load``)."""
+layer by layer (``from infinity.inference import convert, load``); ``load`` also takes the
+checkpoint folder or its Hub id and converts it on first use."""
 
 import importlib
 

@@ -2,9 +2,11 @@
 
 Call order of ``convert``:
 1. ``plan_layout`` finds config.json and the safetensors files (one file, or the shards of an
-   index), fingerprints them (names, sizes, mtimes), builds the model on the meta device and
-   hands it with the checkpoint's headers to ``layout.plan`` (nothing is read), which returns the
-   layout: units in forward order, one record per stored tensor, what is tied.
+   index), fingerprints them (names, sizes, mtimes), builds the model on the meta device, maps
+   the checkpoint's names onto the model's as ``from_pretrained`` does (``keymap.match``:
+   transformers' renamings, prefixes, and its converters run on meta tensors) and hands that to
+   ``layout.plan`` (nothing is read), which returns the layout: units in forward order, one
+   record per stored tensor, what is tied.
    Each safetensors header is checked whole against its file
    (``checkpoint.read_safetensors_header``) before a byte of tensor data is read.
 2. An earlier conversion in STORE_DIR: complete -> returned as it is; incomplete with the same
@@ -15,7 +17,8 @@ Call order of ``convert``:
    complete=False; the store is opened. A fresh conversion that fails here takes back what it
    made (files and directories), so a refused conversion leaves nothing behind.
 5. Each unit's tensors are read one at a time (pread at the offsets of the checked header, no
-   mmap: a file cut short while converting is an IntegrityError, not a SIGBUS), cast or
+   mmap: a file cut short while converting is an IntegrityError, not a SIGBUS; a tensor that
+   transformers makes from several, such as Mixtral's stacked experts, from all of them), cast or
    quantized and put one after another (a reader thread prepares the next tensor while one is
    written); the store is flushed after each unit; model.json is saved with complete=True. A
    failure from here on leaves model.json incomplete: ``ModelLayout.load`` refuses it and says
@@ -58,12 +61,15 @@ from infinity.inference.checkpoint import (
     read_headers,
     read_tensor,
 )
+from infinity.inference.keymap import Conversion, match
 from infinity.inference.layout import (
     LAYOUT_FILE,
     ModelLayout,
     TensorRecord,
     Unit,
+    architecture_of,
     build_meta_model,
+    find_layers,
     plan,
 )
 from infinity.io.fsinfo import MEMORY_FS, mount_of, probe_direct_io
@@ -118,13 +124,38 @@ def convert(
         _check_space(layout, layout.units, paths)
     total = sum(u.nbytes for u in layout.units)
     fds: dict[str, int] = {}
+    waiting: set[str] = set()  # the names still to read (the reader thread owns these two)
+    made: dict[str, torch.Tensor] = {}  # a Conversion's outputs that are not written yet
 
-    def read(name: str) -> list[tuple[str, torch.Tensor]]:  # on the reader thread
-        src = sources[name]
+    def read_source(src: TensorSource) -> torch.Tensor:
         if src.file not in fds:
             fds[src.file] = open_config(src.file, "checkpoint file", follow=False)
             files.callback(os.close, fds[src.file])
-        return list(_to_store(read_tensor(fds[src.file], src), layout.tensors[name]))
+        return read_tensor(fds[src.file], src)
+
+    def read(name: str) -> list[tuple[str, torch.Tensor]]:  # on the reader thread
+        src = sources[name]
+        if isinstance(src, TensorSource):
+            tensor = read_source(src)
+        elif name in made:
+            tensor = made.pop(name)
+        else:  # run once; the other outputs wait here for their turn (the same unit, mostly)
+            out = src.run(read_source)
+            if name not in out:
+                raise ConfigError(
+                    f"transformers' conversion of {src.describe()} made {sorted(out)}, not "
+                    f"{name} as planned: report this with your transformers version"
+                )
+            tensor = out.pop(name)
+            made.update((n, t) for n, t in out.items() if n in waiting and n != name)
+        waiting.discard(name)
+        record = layout.tensors[name]
+        if tuple(tensor.shape) != record.shape:
+            raise ConfigError(
+                f"{name}: transformers' conversion made shape {list(tensor.shape)}, planned "
+                f"{list(record.shape)}: report this with your transformers version"
+            )
+        return list(_to_store(tensor, record))
 
     with (
         _start(store_dir, paths, layout, config, fresh=earlier is None) as store,
@@ -139,6 +170,7 @@ def convert(
                  store_dir, len(todo), len(layout.units))  # fmt: skip
         if progress is not None:
             progress(done, total, "")  # writing starts
+        waiting.update(name for unit in todo for name in unit.tensors)
         names = iter([name for unit in todo for name in unit.tensors])
         ahead = deque(reader.submit(read, n) for n in itertools.islice(names, 1))
         for unit in todo:
@@ -239,9 +271,11 @@ def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def plan_layout(
     hf_dir: str | os.PathLike, dtype: str = "auto", store_paths: list[str] | None = None
-) -> tuple[ModelLayout, dict[str, TensorSource]]:
-    """The layout a conversion writes (layout.plan over the checkpoint's headers), and where
-    each stored parameter's bytes are; reads config.json and the safetensors headers only."""
+) -> tuple[ModelLayout, dict[str, TensorSource | Conversion]]:
+    """The layout a conversion writes (layout.plan over the checkpoint's headers, its names
+    mapped onto the model's as from_pretrained maps them: ``keymap.match``), and where each
+    stored parameter's bytes are: a checkpoint tensor, or a transformers Conversion of several;
+    reads config.json and the safetensors headers only."""
     import transformers
 
     hf_dir = os.path.abspath(hf_dir)
@@ -265,9 +299,16 @@ def plan_layout(
             "weights only: convert the original bf16/fp16 checkpoint (--dtype fp8 quantizes)"
         )
     header = read_headers(files)
-    checkpoint = {name: (src.dtype, src.shape) for name, src in header.items()}
-    layout, read_from = plan(build_meta_model(config), checkpoint, dtype, store_paths, source)
-    return layout, {name: header[found] for name, found in read_from.items()}
+    model = build_meta_model(config)
+    find_layers(model)  # an architecture infinity cannot stream is refused before anything else
+    keys = match(model, header)
+    if keys.unused:
+        log.info(
+            "skipping %d checkpoint tensors that from_pretrained would not load into %s: %s",
+            len(keys.unused), architecture_of(model), ", ".join(keys.unused[:10]),
+        )  # fmt: skip
+    layout, read_from = plan(model, keys.shapes, dtype, store_paths, source, keys.origin)
+    return layout, {name: keys.sources[found] for name, found in read_from.items()}
 
 
 def _refuse_overlap(hf_dir: str, store_dir: str, store_paths: list[str]) -> None:

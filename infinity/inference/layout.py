@@ -19,6 +19,11 @@ Choices the format makes:
   ``scale_key``; ``unit_keys`` gives every store key of a unit in storage order.
 - In model.json, store paths inside STORE_DIR are written relative to it (the directory can be
   moved); ``ModelLayout.store_paths`` is always absolute.
+- Persistent buffers whose values the checkpoint holds (a MoE router's
+  ``e_score_correction_bias``, Gemma 4's ``layer_scalar``, Apertus' activation parameters) are
+  stored too, in their module's unit, as the checkpoint has them (never cast or quantized);
+  ``buffers`` names them. ``load`` copies them into the model once: they do not stream. A layout
+  without the field (older infinity) has none.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -82,6 +88,7 @@ class ModelLayout:
     store_paths: list[str]
     complete: bool = False
     source: dict = field(default_factory=dict)
+    buffers: list[str] = field(default_factory=list)
 
     def unit_keys(self, unit: str) -> list[str]:
         """Every store key of ``unit`` in storage order (each fp8 weight followed by its scale)."""
@@ -112,6 +119,7 @@ class ModelLayout:
             "store_paths": paths,
             "complete": self.complete,
             "source": self.source,
+            "buffers": list(self.buffers),
         }
 
     @classmethod
@@ -135,6 +143,7 @@ class ModelLayout:
             store_paths=[os.path.normpath(os.path.join(base, p)) for p in doc["store_paths"]],
             complete=bool(doc["complete"]),
             source=dict(doc.get("source", {})),
+            buffers=list(doc.get("buffers", [])),
         )
 
     @classmethod
@@ -273,9 +282,12 @@ def plan(
     dtype: str = "auto",
     store_paths: list[str] | None = None,
     source: dict | None = None,
+    origin: Callable[[str], str] = str,
 ) -> tuple[ModelLayout, dict[str, str]]:
     """The layout of ``model`` (built by build_meta_model) stored from a checkpoint whose tensors
     have these dtypes and shapes, and the checkpoint name each stored parameter is read from.
+    ``checkpoint`` names tensors as the model does (``keymap.match`` renamed them as
+    from_pretrained would); ``origin(name)`` says which checkpoint tensor that was, for messages.
     Nothing is read: this is the plan that convert executes."""
     if dtype not in DTYPE_CHOICES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}; got {dtype!r}")
@@ -303,17 +315,19 @@ def plan(
         ck_dtype, shape = checkpoint[found]
         if shape != tuple(p.shape):
             raise ConfigError(
-                f"checkpoint tensor {found} has shape {list(shape)}; {arch} built from "
+                f"checkpoint tensor {origin(found)} has shape {list(shape)}; {arch} built from "
                 f"config.json expects {list(p.shape)}: the checkpoint does not match its config"
             )
         if ck_dtype in FP8_DTYPES:
             raise ConfigError(
-                f"checkpoint tensor {found} is {ck_dtype}: quantized checkpoints are not "
+                f"checkpoint tensor {origin(found)} is {ck_dtype}: quantized checkpoints are not "
                 "supported; convert the original bf16/fp16 checkpoint (--dtype fp8 quantizes)"
             )
         read_from[name] = found
     if missing:
         raise ConfigError(_missing_message(missing, list(checkpoint), arch))
+    buffers = _held_buffers(model, checkpoint, origin)
+    read_from.update((name, name) for name in buffers)
     skipped = sorted(set(checkpoint) - set(read_from.values()))
     if skipped:
         log.info(
@@ -325,7 +339,7 @@ def plan(
     prefix = layers_path + "."
     members: dict[str, list[str]] = {f"{prefix}{i}": [] for i in range(len(layers))}
     before, after, seen_layers = [], [], False
-    for name, _ in params:
+    for name in _in_module_order(model, buffers):
         if name.startswith(prefix):
             unit, seen_layers = prefix + name[len(prefix) :].split(".", 1)[0], True
         else:
@@ -352,8 +366,8 @@ def plan(
         for name in members[unit]:
             ck_dtype, shape = checkpoint[read_from[name]]
             quantize = dtype == "fp8" and layer is not None and len(shape) == 2
-            quantize = quantize and ck_dtype.is_floating_point
-            target = _stored_dtype(ck_dtype, dtype, quantize)
+            quantize = quantize and ck_dtype.is_floating_point and name not in buffers
+            target = ck_dtype if name in buffers else _stored_dtype(ck_dtype, dtype, quantize)
             scale_key = name + ".scale" if quantize else None
             records[name] = TensorRecord(
                 name, name, _name(target), shape, _nbytes(target, shape), unit, scale_key
@@ -379,8 +393,39 @@ def plan(
         store_paths=list(store_paths or []),
         complete=False,
         source=dict(source or {}),
+        buffers=list(buffers),
     )
     return layout, read_from
+
+
+def _held_buffers(model: torch.nn.Module, checkpoint: dict, origin) -> list[str]:
+    """The persistent buffers of ``model`` whose values the checkpoint holds (from_pretrained
+    loads those; the others keep the values the model computes), shapes checked."""
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    held = []
+    for name, buf in model.state_dict(keep_vars=True).items():
+        if name in params or name not in checkpoint:
+            continue
+        shape = checkpoint[name][1]
+        if shape != tuple(buf.shape):
+            raise ConfigError(
+                f"checkpoint tensor {origin(name)} has shape {list(shape)}; "
+                f"{architecture_of(model)} built from config.json expects {list(buf.shape)}: "
+                "the checkpoint does not match its config"
+            )
+        held.append(name)
+    return held
+
+
+def _in_module_order(model: torch.nn.Module, buffers: list[str]) -> list[str]:
+    """Parameter names (tied ones under each name) and ``buffers``, module by module, in the
+    order of ``named_parameters``."""
+    wanted, names = set(buffers), []
+    for path, module in model.named_modules(remove_duplicate=False):
+        dotted = path + "." if path else ""
+        names += [dotted + n for n, p in module._parameters.items() if p is not None]
+        names += [dotted + n for n in module._buffers if dotted + n in wanted]
+    return names
 
 
 def _stored_dtype(ck_dtype: torch.dtype, dtype: str, quantize: bool) -> torch.dtype:
@@ -414,7 +459,11 @@ def _missing_message(missing: list[str], names: list[str], arch: str) -> str:
             prefix = want[: -len(have)] if lacks else have[: -len(want)]
             return (
                 f"{head}. Its names {'lack' if lacks else 'carry'} the prefix {prefix!r} "
-                f"({have!r} for {want!r}): it was saved from another model class, and infinity "
-                f"does not guess renames: save the checkpoint again from {arch}"
+                f"({have!r} for {want!r}): it was saved from another model class, and "
+                f"transformers' renaming for {arch} does not map it: save the checkpoint again "
+                f"from {arch}"
             )
-    return head + ": the checkpoint does not match its config.json"
+    return head + (
+        ": the checkpoint does not match its config.json (from_pretrained would load it with "
+        "those initialised at random)"
+    )

@@ -1,6 +1,7 @@
 """``load``: a transformers model, built on the meta device, whose weights stream from a store.
 
     model = load("llama-store", device="cuda", gpu_bytes="6GiB", pinned_bytes="40GiB")
+    model = load("meta-llama/Llama-3.1-8B", max_memory={0: "6GiB", "cpu": "40GiB"})  # or a folder
     model(input_ids); model.generate(input_ids, max_new_tokens=32)  # the transformers API
     model.infinity.stats(); model.infinity.close()
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import psutil
 import torch
@@ -42,34 +44,59 @@ _BLOCK_ORDER = (
 
 
 def load(
-    store_dir,
+    source,
     device="cuda",
     gpu_bytes: int | str | None = None,
     pinned_bytes: int | str | None = None,
     *,
+    store_dir=None,
+    dtype: str = "auto",
+    max_memory: dict | None = None,
+    progress=None,
+    revision: str | None = None,
     granularity: str = "layer",
     bandwidths: Bandwidths | None = None,
     verify_checksums: bool = True,
     aio=None,
     warm_up: bool | None = None,
 ):
-    """A transformers model for ``store_dir`` (written by ``infinity convert``) on ``device``.
+    """A transformers model for ``source`` on ``device``, its weights streamed from a store.
+
+    ``source``, as ``from_pretrained`` takes it: a store written by ``infinity convert``, a
+    Hugging Face checkpoint folder, or a Hub model id (from the local cache when
+    ``HF_HUB_OFFLINE=1``). A checkpoint is converted on first use (``resolve.resolve_store``) into
+    ``store_dir``, by default ``$INFINITY_CACHE/NAME-DTYPE-HASH`` (``INFINITY_CACHE`` defaults to
+    ``~/.cache/infinity``; a store needs a filesystem with O_DIRECT, so not tmpfs); later loads
+    read that store. The conversion is convert's: ``dtype`` ("auto", "bf16", "fp8", ...), the
+    same checks, resumable, ``progress(nbytes_done, nbytes_total, unit_name)`` after each unit;
+    ``revision`` picks a Hub revision.
 
     ``gpu_bytes``: device memory for weights (resident units + streaming buffers; activations
     and the KV cache come on top); default half the free device memory (all of the model on the
     CPU). ``pinned_bytes``: the pinned tier (units kept in RAM + staging buffers); default the
-    model's size, at most half the available RAM. ``warm_up`` (default: on a CUDA device) runs
-    one forward with placeholder weights before returning (see ``_warm_up``)."""
+    model's size, at most half the available RAM. ``max_memory`` spells both the way
+    accelerate does, ``{0: "8GiB", "cpu": "60GiB"}``: the entry of the load device (its index,
+    or "cuda:N") is ``gpu_bytes``, "cpu" is ``pinned_bytes``; ``gpu_bytes``/``pinned_bytes``
+    given explicitly win over it, and it wins over the defaults. ``warm_up`` (default: on a CUDA
+    device) runs one forward with placeholder weights before returning (see ``_warm_up``)."""
     from transformers import AutoConfig
+
+    from infinity.inference.resolve import resolve_store
 
     if granularity not in GRANULARITIES:
         raise ConfigError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    layout = ModelLayout.load(store_dir)
     dev = parse_device(device)
-    dtype = getattr(torch, layout.compute_dtype)
+    if max_memory is not None:
+        gpu_bytes, pinned_bytes = _max_memory(max_memory, dev, gpu_bytes, pinned_bytes)
+    gpu_bytes, pinned_bytes = (  # a bad size is refused before a conversion of many minutes
+        parse_size(b) if isinstance(b, str) else b for b in (gpu_bytes, pinned_bytes)
+    )
+    store_dir = resolve_store(source, store_dir, dtype, progress, revision)
+    layout = ModelLayout.load(store_dir)
+    compute = getattr(torch, layout.compute_dtype)
     config = AutoConfig.from_pretrained(store_dir)
     model = build_meta_model(config)
-    _meta_params(model, dtype)
+    _meta_params(model, compute)
     for module in model.modules():  # buffers (rotary frequencies) were built for real, on the CPU
         for name, buf in module._buffers.items():
             if buf is not None:
@@ -87,16 +114,17 @@ def load(
         pool.close()
         raise
     try:
+        _load_buffers(model, layout, store, dev)
         fixed, streamed = _place(units, gpu_budget)
-        _bind_fixed(store, fixed, dev, dtype)
+        _bind_fixed(store, fixed, dev, compute)
         left = gpu_budget - sum(u.nbytes for u in fixed)
         if warm_up if warm_up is not None else dev.type == "cuda":
-            _warm_up(model, streamed, dev, dtype)
+            _warm_up(model, streamed, dev, compute)
         p = _plan(streamed, left, pinned_budget, bandwidths)
         executor = Executor(
             store, [u.unit for u in streamed], p, dev, pool if pinned_budget else None
         )
-        streamer = Streamer(executor, streamed, dtype, store, pool)
+        streamer = Streamer(executor, streamed, compute, store, pool)
         streamer.start_with(model)
     except BaseException:
         store.close()
@@ -174,9 +202,40 @@ def _units(model, layout: ModelLayout, granularity: str) -> list[StreamUnit]:
     return units
 
 
-def _budgets(dev, gpu_bytes, pinned_bytes, total: int) -> tuple[int, int]:
-    gpu = parse_size(gpu_bytes) if isinstance(gpu_bytes, str) else gpu_bytes
-    pinned = parse_size(pinned_bytes) if isinstance(pinned_bytes, str) else pinned_bytes
+def _max_memory(max_memory, dev, gpu_bytes, pinned_bytes):
+    """(gpu_bytes, pinned_bytes) from accelerate's spelling; explicit values win."""
+    if not isinstance(max_memory, dict):
+        raise ConfigError(
+            f'max_memory must be a dict like {{0: "8GiB", "cpu": "60GiB"}}, got {max_memory!r}'
+        )
+    gpus: dict[int, object] = {}
+    for key, value in max_memory.items():
+        index = _device_index(key)
+        if index is not None:
+            gpus[index] = value
+        elif key != "cpu":
+            raise ConfigError(
+                f"max_memory key {key!r} is not understood: use the device index (0) or 'cuda:N' "
+                "for the GPU's memory and 'cpu' for the pinned host memory ('disk' is the store)"
+            )
+    if gpus and (dev.type != "cuda" or dev.index not in gpus):
+        raise ConfigError(
+            f"max_memory gives memory for GPU {sorted(gpus)}, but load runs on {dev} (streamed "
+            "inference uses one device): give that device's entry (none on the CPU) and 'cpu'"
+        )
+    gpu = gpu_bytes if gpu_bytes is not None else gpus.get(dev.index) if gpus else None
+    pinned = pinned_bytes if pinned_bytes is not None else max_memory.get("cpu")
+    return gpu, pinned
+
+
+def _device_index(key) -> int | None:
+    if isinstance(key, int) and not isinstance(key, bool) and key >= 0:
+        return key
+    match = re.fullmatch(r"cuda:(\d+)", key) if isinstance(key, str) else None
+    return int(match.group(1)) if match else None
+
+
+def _budgets(dev, gpu: int | None, pinned: int | None, total: int) -> tuple[int, int]:
     if gpu is None:
         gpu = torch.cuda.mem_get_info(dev)[0] // 2 if dev.type == "cuda" else total
     if pinned is None:
@@ -226,6 +285,22 @@ def _bind_fixed(store, units: list[StreamUnit], dev, dtype) -> None:
             if key not in cache:
                 cache[key] = store.get(key, device=dev)
         bind(unit.slots, cache, dtype)
+
+
+def _load_buffers(model, layout: ModelLayout, store, dev) -> None:
+    """The persistent buffers the checkpoint held (layout.py), read once, in each buffer's own
+    dtype (as from_pretrained casts them to the model's)."""
+    for name in layout.buffers:
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        current = module._buffers.get(attr)
+        if current is None:
+            raise ConfigError(
+                f"the store holds buffer {name}, which {layout.architecture} built by this "
+                "transformers lacks: convert the checkpoint again with this version"
+            )
+        value = store.get(layout.tensors[name].key)
+        module._buffers[attr] = value.to(device=dev, dtype=current.dtype)
 
 
 def _warm_up(model, units: list[StreamUnit], dev, dtype, tokens: int = 8) -> None:
