@@ -66,8 +66,13 @@ lint: $(STAMPS)/deps
 	$(VENV)/bin/ruff check infinity tests bench
 	$(VENV)/bin/ruff format --check infinity tests bench
 
+# bench/'s own dependency (pyproject's `bench` extra): matplotlib, for the plots
+$(STAMPS)/bench: $(STAMPS)/deps
+	$(PIP) install "matplotlib>=3.5"
+	@touch $@
+
 # every benchmark at a tiny size, so none of them rots
-bench-tiny: aio-op
+bench-tiny: aio-op $(STAMPS)/bench
 	@dir=$$(mktemp -d "$(CURDIR)/.run.XXXXXX"); trap 'rm -rf "$$dir"' EXIT; \
 	$(PY) bench/io.py --dir "$$dir" --size 8MiB --quick --json "$$dir/io.json" && \
 	$(PY) bench/store.py --dir "$$dir" --tensors 4 --tensor-size 1MiB --repeats 1 --json "$$dir/store.json" && \

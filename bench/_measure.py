@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import mmap
 import os
@@ -14,32 +13,10 @@ import time
 
 import torch
 
+from infinity import parse_size  # noqa: F401 - the one size parser ("4G" is 4e9, "4GiB" 2**32)
+from infinity.iobench import drop_page_cache
+
 GIB = 1 << 30
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "K": 1 << 10,
-    "KB": 1000,
-    "KIB": 1 << 10,
-    "M": 1 << 20,
-    "MB": 10**6,
-    "MIB": 1 << 20,
-    "G": GIB,
-    "GB": 10**9,
-    "GIB": GIB,
-    "T": 1 << 40,
-    "TB": 10**12,
-    "TIB": 1 << 40,
-}
-
-
-def parse_size(text) -> int:
-    """``"8GiB"``, ``"1.5GB"``, ``"4096"`` -> bytes (no import of infinity needed)."""
-    if isinstance(text, int):
-        return text
-    s = str(text).strip().upper().replace(" ", "")
-    num = s.rstrip("KMGTIB")
-    return int(float(num) * _UNITS[s[len(num) :]])
 
 
 def sync(device: torch.device) -> None:
@@ -64,28 +41,6 @@ def read_bytes() -> int | None:
     return None
 
 
-def drop_caches(paths: list[str]) -> str:
-    """Empty the page cache before a timed pass; returns how ("drop_caches" as root, else
-    "fadvise": POSIX_FADV_DONTNEED on every file under ``paths``, which needs no privilege)."""
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return "drop_caches"
-    except OSError:
-        pass
-    for top in paths:
-        for root, _, files in os.walk(top):
-            for name in files:
-                with contextlib.suppress(OSError):
-                    fd = os.open(os.path.join(root, name), os.O_RDONLY)
-                    try:
-                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                    finally:
-                        os.close(fd)
-    return "fadvise"
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -94,7 +49,7 @@ def free_port() -> int:
 
 def timed_pass(fn, device: torch.device, cold_paths: list[str] | None) -> dict:
     """One timed call of ``fn``: seconds, peak GPU memory, bytes read, how it was made cold."""
-    how = drop_caches(cold_paths) if cold_paths is not None else "warm"
+    how = drop_page_cache(cold_paths) if cold_paths is not None else "warm"
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -171,7 +126,7 @@ def disk_read_gbps(files: list[str], limit: int, cold_paths: list[str]) -> dict:
         except Exception as exc:  # noqa: BLE001 - any failure: fall back, say why
             errors.append(repr(exc)[:200])
     if not runs:
-        cache = drop_caches(cold_paths)
+        cache = drop_page_cache(cold_paths)
         plan = _pieces(files, limit, 16 << 20)
         seconds = _direct_read(plan)
         total = sum(n for _, _, n in plan)
@@ -190,7 +145,7 @@ def read_files(files: list[str], cold_paths: list[str]) -> dict:
 
 
 def _probe(files, limit: int, cold_paths, piece: int, inflight: int, lanes) -> dict:
-    cache = drop_caches(cold_paths)
+    cache = drop_page_cache(cold_paths)
     seconds, total = _aio_read(files, limit, piece, inflight, lanes)
     lane_text = f", {lanes} lanes" if lanes else ""
     return {

@@ -12,7 +12,15 @@ import traceback
 from functools import partial
 
 import torch
-from _measure import GIB, drop_caches, io_summary, parse_size, read_files, remove, timed_pass
+from _measure import (
+    GIB,
+    drop_page_cache,
+    io_summary,
+    parse_size,
+    read_files,
+    remove,
+    timed_pass,
+)
 from _peers import _decode_rows, forward_fn
 from _synth import dir_bytes
 
@@ -184,7 +192,7 @@ def _paired(ctx, load, store: str, pinned: int) -> None:
     pairs = []
     for k in range(ctx.args.pairs):
         probe = read_files(files, ctx.cold_paths) if k % 2 == 0 else None
-        drop_caches(ctx.cold_paths)
+        drop_page_cache(ctx.cold_paths)
         model = load(store, device=str(ctx.device), gpu_bytes=ctx.gpu_bytes, pinned_bytes=pinned)
         try:
             fwd, marks = _marked(model, ctx.ids(1), ctx.device)

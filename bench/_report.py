@@ -11,7 +11,42 @@ PEERS = ("accelerate", "airllm", "deepspeed")
 
 
 def gpu_name() -> str:
-    """The first GPU's name from nvidia-smi (no CUDA context in this process), else "cpu"."""
+    """The first GPU's name, short ("H200", "H100-80GB-HBM3"), else "cpu"; it names the result
+    file. forward.py asks before its children run, so this must not make a CUDA context here:
+    one holds GPU memory in the parent while each child measures (and sizes its budgets from the
+    free memory). So torch only when this process has initialised CUDA anyway, else NVML
+    (pynvml, makes no context) when installed, else nvidia-smi, else "cpu"."""
+    name = None
+    try:
+        import torch
+
+        if torch.cuda.is_initialized() and torch.cuda.device_count():
+            name = torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001 - a name for a file: fall through to the next way
+        pass
+    name = name or _nvml_name() or _nvidia_smi_name()
+    return name.replace("NVIDIA ", "").replace(" ", "-") if name else "cpu"
+
+
+def _nvml_name() -> str | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        try:
+            if not pynvml.nvmlDeviceGetCount():
+                return None
+            name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
+        finally:
+            pynvml.nvmlShutdown()
+    except pynvml.NVMLError:
+        return None
+    return (name.decode() if isinstance(name, bytes) else name).strip() or None
+
+
+def _nvidia_smi_name() -> str | None:
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
@@ -20,11 +55,9 @@ def gpu_name() -> str:
             timeout=30,
             check=True,
         ).stdout.splitlines()
-        if out and out[0].strip():
-            return out[0].strip().replace("NVIDIA ", "").replace(" ", "-")
     except (OSError, subprocess.SubprocessError):
-        pass
-    return "cpu"
+        return None
+    return out[0].strip() if out and out[0].strip() else None
 
 
 def machine(directory: str) -> dict:

@@ -99,7 +99,7 @@ class Ctx:
         )
 
     def drop(self) -> str:
-        return m.drop_caches(self.cold_paths)
+        return m.drop_page_cache(self.cold_paths)
 
     def ids(self, batch: int):
         import torch

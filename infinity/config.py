@@ -54,7 +54,13 @@ _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\
 
 
 def parse_size(value: int | float | str) -> int:
-    """Parse ``4096``, ``"8MiB"``, ``"1.5GB"``, ``"3e8"`` into a number of bytes."""
+    """Parse ``4096``, ``"8MiB"``, ``"1.5GB"``, ``"3e8"`` into a number of bytes.
+
+    Units are case-insensitive. A bare letter is decimal, like its B spelling: ``"4G"`` ==
+    ``"4GB"`` == 4e9 bytes (K, M, G, T: powers of 1000). Binary units take an i:
+    ``"4Gi"`` == ``"4GiB"`` == 4 * 2**30 bytes. (Kubernetes' convention; dd and docker read
+    ``4G`` as GiB, so spell GiB where GiB is meant.) The one size parser: the CLI, configs and
+    bench/ all use it."""
     if isinstance(value, bool):
         raise ConfigError(f"size must be a number of bytes or a string like '8GiB', got {value!r}")
     if isinstance(value, int):

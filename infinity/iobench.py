@@ -1,20 +1,22 @@
 """`infinity bench io`: what the disk, PCIe and aio settings can do, with references measured in
 the same run (DeepSpeed's default handle, DeepSpeed's own GPU path, a plain buffered read, dd).
 
-Cold reads: each read is preceded by a page-cache drop (``/proc/sys/vm/drop_caches`` when root,
-``posix_fadvise(DONTNEED)`` on the file always); the aio paths use O_DIRECT regardless. Writes are
-O_DIRECT into preallocated blocks, timed without fsync (as DeepSpeed's ds_io does).
+Cold reads: each read is preceded by a page-cache drop (``drop_page_cache``:
+``/proc/sys/vm/drop_caches`` when root, else ``posix_fadvise(DONTNEED)`` on the file); the aio
+paths use O_DIRECT regardless. Writes are O_DIRECT into preallocated blocks, timed without fsync
+(as DeepSpeed's ds_io does).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -70,21 +72,30 @@ class Result:
         return out
 
 
-def drop_page_cache(path: str) -> bool:
-    """Evict ``path`` from the page cache; True when the global drop also worked (root)."""
-    fd = os.open(path, os.O_RDONLY)
+def drop_page_cache(paths: Iterable[str | os.PathLike]) -> str:
+    """Empty the page cache of ``paths`` (files, or directories: every file under them) before a
+    cold read; returns how: "drop_caches" (root: the whole page cache, through
+    /proc/sys/vm/drop_caches) or "fadvise" (``POSIX_FADV_DONTNEED`` on each file, which needs no
+    privilege). Dirty pages are written back first (``os.sync``): neither drops them.
+    The one helper for this; bench/ uses it too."""
+    os.sync()
     try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-    try:
-        os.sync()
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3\n")
-        return True
+        return "drop_caches"
     except OSError:
-        return False
+        pass
+    for top in paths:
+        walked = os.walk(top) if os.path.isdir(top) else [("", [], [os.fspath(top)])]
+        for root, _, files in walked:
+            for name in files:
+                with contextlib.suppress(OSError):  # gone meanwhile, or not ours to read
+                    fd = os.open(os.path.join(root, name), os.O_RDONLY)
+                    try:
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    finally:
+                        os.close(fd)
+    return "fadvise"
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -214,7 +225,7 @@ def run(
             for _ in range(repeats):
                 if op == "read":
                     nonlocal cache_drop_global
-                    cache_drop_global = drop_page_cache(path) or cache_drop_global
+                    cache_drop_global |= drop_page_cache([path]) == "drop_caches"
                 res.seconds.append(_timed(fn))
                 if verify is not None:
                     verify()
@@ -334,7 +345,11 @@ def run(
         "grid": grid,
         "repeats": repeats,
         "directory": fs.to_dict(),
-        "cold": {"o_direct": True, "drop_caches": cache_drop_global, "fadvise_dontneed": True},
+        "cold": {
+            "o_direct": True,
+            "drop_caches": cache_drop_global,
+            "fadvise_dontneed": not cache_drop_global,
+        },
         "results": [r.to_dict(best_read.gbps) for r in results],
         "best_read": best_read.to_dict(best_read.gbps),
         "best_write": best_write.to_dict(best_read.gbps),

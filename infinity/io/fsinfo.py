@@ -10,6 +10,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import psutil
+
 from infinity.config import ALIGNMENT_BYTES
 
 MEMORY_FS = {"tmpfs", "ramfs", "devtmpfs"}  # O_DIRECT may work (Linux >= 6.6) but it is RAM
@@ -43,18 +45,15 @@ class FsInfo:
 
 
 def mount_of(path: str | os.PathLike) -> tuple[str, str, str]:
-    """(mount point, fs type, source device) of the mount holding ``path``."""
+    """(mount point, fs type, source device) of the mount holding ``path``: the longest mount
+    point that contains it (of two at one point, the later: it is the one on top)."""
     real = os.path.realpath(path)
     best = ("/", "unknown", "")
-    with open("/proc/self/mounts") as mounts:
-        for line in mounts:
-            parts = line.split()
-            if len(parts) < 3:
-                continue
-            source, point, fstype = parts[0], parts[1].replace("\\040", " "), parts[2]
-            inside = real == point or real.startswith(point.rstrip("/") + "/")
-            if inside and len(point) >= len(best[0]):
-                best = (point, fstype, source)
+    for part in psutil.disk_partitions(all=True):  # /proc/self/mounts, octal escapes decoded
+        point = part.mountpoint
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best[0]):
+            best = (point, part.fstype, part.device)
     return best
 
 
