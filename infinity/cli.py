@@ -573,7 +573,7 @@ def convert_cmd(hf_dir, store_dir, dtype, nvme_paths, overwrite, as_json) -> Non
 
 
 @main.command("generate")
-@click.argument("store_dir", type=click.Path(exists=True, file_okay=False), callback=_directory)
+@click.argument("store_dir", metavar="SOURCE")
 @click.option(
     "--prompt",
     "prompts",
@@ -639,15 +639,21 @@ def convert_cmd(hf_dir, store_dir, dtype, nvme_paths, overwrite, as_json) -> Non
 def generate_cmd(store_dir, prompts, tokenizer_dir, max_new_tokens, batch_size, temperature,
                  top_p, top_k, seed, chat, ignore_eos, device, gpu_bytes, pinned_bytes,
                  granularity, as_json) -> None:  # fmt: skip
-    """Generate text with a converted model streamed from STORE_DIR; report where time went.
+    """Generate text with a model streamed from SOURCE; report where time went.
+
+    SOURCE: a converted store, a Hugging Face checkpoint folder or a Hub model id (from the
+    local cache when offline); a checkpoint is converted on first use into INFINITY_CACHE
+    (default ~/.cache/infinity), as infinity.inference.load does.
 
     Stops at the model's end-of-sequence token(s) or after --max-new-tokens. A single
     sequence is printed as its tokens come."""
     import torch
 
     from infinity.inference.generate import check_arguments, generate, tokenizer_for
+    from infinity.inference.resolve import resolve_store
 
     check_arguments(prompts, max_new_tokens, batch_size, temperature, top_p, top_k, seed)
+    store_dir = resolve_store(store_dir)
     tokenizer = tokenizer_for(store_dir, tokenizer_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     streamer = None

@@ -216,3 +216,22 @@ def test_an_empty_prompt_among_several_is_refused(monkeypatch, capsys, model):
         and out == ""
         and err.strip() == ("error: the prompt is '': give some text to continue (--prompt TEXT)")
     ), err
+
+
+def test_a_checkpoint_folder_is_converted_on_first_use(
+    monkeypatch, capsys, tmp_path_factory, model
+):
+    """`infinity generate HF_DIR`: converted into INFINITY_CACHE on first use (as load does),
+    reused the second time, the tokens those of the model held in memory. (``model``: its
+    conversion loads DeepSpeed before capsys replaces stdout and stderr, as a process would.)"""
+    hf = str(tmp_path_factory.mktemp("hf-direct"))
+    reference, tokenizer = build_checkpoint(hf, layers=2, hidden=64)
+    reference.requires_grad_(False)
+    cache = _disk_dir(tmp_path_factory)
+    monkeypatch.setenv("INFINITY_CACHE", cache)
+    want = tokenizer.decode(continuation(reference, tokenizer, PROMPTS[0], 6))
+    for _ in range(2):
+        got = as_json(monkeypatch, capsys, hf, "--prompt", PROMPTS[0], "--max-new-tokens", 6,
+                      "--ignore-eos")  # fmt: skip
+        assert got["texts"] == [want] and got["tokens"] == [6]
+        assert len(os.listdir(cache)) == 1  # one store, made once

@@ -22,6 +22,7 @@ import torch
 from infinity.errors import ConfigError
 from infinity.inference.layout import ModelLayout
 from infinity.inference.model import load
+from infinity.inference.resolve import resolve_store
 from infinity.inference.tokenizer import find_tokenizer, load_tokenizer, prompt_texts
 
 
@@ -142,7 +143,9 @@ def generate(
     **load_kwargs,
 ) -> GenerateResult:
     """Up to ``max_new_tokens`` new tokens for ``batch_size`` copies of each prompt (``prompt``:
-    one text or a list). See the module doc for sampling, end of sequence and chat.
+    one text or a list). ``store_dir``: what ``load`` takes (a store, a Hugging Face folder or
+    a Hub id, converted on first use; ``load_kwargs`` may name ``store_dir``/``dtype``). See
+    the module doc for sampling, end of sequence and chat.
 
     ``model``: one from ``load`` to reuse (else loaded here with ``load_kwargs`` and closed).
     ``tokenizer``: a folder (see ``infinity.inference.tokenizer``) or a loaded tokenizer; None
@@ -153,7 +156,10 @@ def generate(
     sampling settings, that ``store_dir`` holds a complete conversion and a tokenizer."""
     prompts = check_arguments(prompt, max_new_tokens, batch_size, temperature, top_p, top_k, seed)
     own = model is None
-    if own:
+    if own:  # a checkpoint folder or Hub id: converted on first use, as load does
+        given = {k: load_kwargs.pop(k) for k in ("store_dir", "dtype", "progress", "revision")
+                 if k in load_kwargs}  # fmt: skip
+        store_dir = resolve_store(store_dir, **given)
         ModelLayout.load(store_dir)  # "run infinity convert" before the tokenizer's complaint
     if tokenizer is None or isinstance(tokenizer, str | os.PathLike):
         tokenizer = tokenizer_for(store_dir, tokenizer)
