@@ -202,62 +202,6 @@ def bench_io(directory, size_bytes, gpu, quick, full, repeats, json_path) -> Non
         click.echo(f"wrote {json_path}")
 
 
-_STORE_PATH = click.Path(exists=True, file_okay=False)
-
-
-@main.group()
-def store() -> None:
-    """Inspect and maintain a store."""
-
-
-@store.command("ls")
-@click.argument("paths", nargs=-1, required=True, type=_STORE_PATH, callback=_directory)
-def store_ls(paths) -> None:
-    """List keys with dtype, shape and size."""
-    from infinity.store import TieredStore
-
-    with TieredStore.open(list(paths), readonly=True) as s:
-        for key in sorted(s.keys()):
-            e = s.entry(key)
-            dtype = str(e.dtype).removeprefix("torch.")
-            click.echo(f"{key}\t{dtype}\t{list(e.shape)}\t{format_size(e.nbytes)}\tv{e.version}")
-        damaged = s.damaged()
-        for key, problem in sorted(damaged.items()):
-            click.echo(f"DAMAGED {key}: {problem}")
-        click.echo(
-            f"{len(s)} keys, {format_size(s.stats().nvme_bytes)}"
-            + (f"; {len(damaged)} damaged records (infinity store fsck)" if damaged else "")
-        )
-    sys.exit(1 if damaged else 0)
-
-
-@store.command("fsck")
-@click.argument("paths", nargs=-1, required=True, type=_STORE_PATH, callback=_directory)
-def store_fsck(paths) -> None:
-    """Read every key back and check its checksum; exit 1 if any is damaged."""
-    from infinity.store import TieredStore
-
-    with TieredStore.open(list(paths), readonly=True) as s:
-        problems = s.fsck()
-        for key, problem in sorted(problems.items()):
-            click.echo(f"DAMAGED {key}: {problem}")
-        total = len(s) + len(s.damaged())
-        click.echo(f"{total - len(problems)} of {total} keys intact")
-    sys.exit(1 if problems else 0)
-
-
-@store.command("compact")
-@click.argument("paths", nargs=-1, required=True, type=_STORE_PATH, callback=_directory)
-def store_compact(paths) -> None:
-    """Give back the free space at the end of the data files."""
-    from infinity.store import TieredStore
-
-    with TieredStore.open(list(paths), readonly=True):
-        pass  # a store must be there: opening it for writing would make one
-    with TieredStore.open(list(paths)) as s:
-        click.echo(f"released {format_size(s.compact())}")
-
-
 def _params(ctx, param, value):
     from infinity.estimate import parse_params
 
@@ -722,6 +666,11 @@ def _generate_summary(result) -> None:
     )
     if "peak_gpu_bytes" in s:
         click.echo(f"peak GPU memory allocated: {_gb(s['peak_gpu_bytes'])}")
+
+
+from infinity.cli_store import store  # noqa: E402 - the `store` group, in its own file
+
+main.add_command(store)
 
 
 def run() -> None:

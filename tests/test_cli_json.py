@@ -18,10 +18,19 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("command", ["info", "lint"])
+@pytest.mark.parametrize("command", ["info", "lint", "store ls", "store fsck"])
 def test_json_output_is_json_alone(command, disk_dir):
     if command == "info":
         args = ["info", "--json", "--dir", disk_dir]
+    elif command.startswith("store"):
+        import torch
+
+        from infinity.store import TieredStore
+
+        store = os.path.join(disk_dir, "store")
+        with TieredStore.open(store) as s:
+            s.put("w", torch.ones(1000))
+        args = [*command.split(), "--json", store]
     else:
         path = os.path.join(disk_dir, "ds.json")
         with open(path, "w") as f:

@@ -422,7 +422,10 @@ def test_cli_fsck_and_compact(store_dir):
     ok = runner.invoke(main, ["store", "fsck", store_dir])
     assert ok.exit_code == 0 and "2 of 2 keys intact" in ok.output
     listing = runner.invoke(main, ["store", "ls", store_dir])
-    assert "a\tfloat32\t[50000]" in listing.output and "2 keys" in listing.output
+    head, first = listing.output.splitlines()[:2]  # a header names the columns
+    assert head.split() == ["key", "dtype", "shape", "size", "version"], listing.output
+    assert first.split() == ["a", "float32", "[50000]", "195.31", "KiB", "1"], listing.output
+    assert "2 keys" in listing.output
     size = os.path.getsize(os.path.join(store_dir, "data.bin"))
     compact = runner.invoke(main, ["store", "compact", store_dir])
     assert compact.exit_code == 0, compact.output

@@ -50,7 +50,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -514,14 +514,19 @@ class TieredStore:
                 self._inplace = live
                 mf.write_inplace(self.paths[0], self._generation, live, self._torn)
 
-    def fsck(self) -> dict[str, str]:
+    def fsck(self, progress: Callable[[int, int], None] | None = None) -> dict[str, str]:
         """Read every key from NVMe and check its checksum and extents: {key: problem}, the
-        manifest's invalid records included."""
+        manifest's invalid records included. ``progress(nbytes_done, nbytes_total)`` runs after
+        each key."""
         with self._call():
-            return self._fsck()
+            return self._fsck(progress or (lambda _done, _total: None))
 
-    def _fsck(self) -> dict[str, str]:
+    def _fsck(self, progress: Callable[[int, int], None]) -> dict[str, str]:
         problems: dict[str, str] = dict(self._bad)
+        keys = self.keys()
+        with self._lock:
+            sizes = [e.nbytes if (e := self._entries.get(k)) else 0 for k in keys]
+        done, total = 0, sum(sizes)
 
         def check(entry: Entry) -> None:  # raises, so that a commit landing meanwhile retries
             sizes = [os.lstat(f).st_size if os.path.lexists(f) else 0 for f in self._files]
@@ -532,13 +537,15 @@ class TieredStore:
                 raise IntegrityError(f"extent past the end of {self._files[short[0].file]}")
             self._load_bytes(entry, torch.empty(entry.nbytes, dtype=torch.uint8))
 
-        for key in self.keys():
+        for key, nbytes in zip(keys, sizes, strict=True):
             try:
                 self._reading(key, check)
             except UnknownKeyError:
                 pass  # deleted by the writer since
             except (IntegrityError, StorageIOError) as exc:
                 problems[key] = str(exc)
+            done += nbytes
+            progress(done, total)
         return problems
 
     def compact(self) -> int:
