@@ -9,6 +9,7 @@ import sys
 
 import click
 
+from infinity import __version__
 from infinity.config import format_size, parse_size
 from infinity.errors import InfinityError
 
@@ -50,6 +51,7 @@ def _output_file(ctx, param, value):
 
 
 @click.group()
+@click.version_option(__version__, prog_name="infinity", message="%(prog)s %(version)s")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors.")
 def main(verbose: int, quiet: bool) -> None:
