@@ -1,7 +1,8 @@
 """Benchmark: the I/O sweep of `infinity bench io`, with GPU reads when a GPU is present, saved
 under bench/results/ with the machine, git SHA and command.
 
-    python bench/io.py --dir /path/on/nvme --size 4GiB [--grid default] [--json out.json]
+    python bench/io.py --dir /path/on/nvme --size 4GiB [--grid default] [--repeats 3]
+                       [--json out.json]
 """
 
 from __future__ import annotations
@@ -27,10 +28,14 @@ def main() -> None:
     ap.add_argument("--size", default="4GiB")
     ap.add_argument("--grid", choices=sorted(iobench.GRIDS), default="default")
     ap.add_argument("--quick", action="store_true", help="same as --grid quick")
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=iobench.DEFAULT_REPEATS)
     ap.add_argument("--json", help="output path (default bench/results/io-<gpu>-<date>.json)")
     args = ap.parse_args()
     gpu = torch.cuda.is_available()
+    date = datetime.date.today().isoformat()
+    name = torch.cuda.get_device_name(0).replace(" ", "-") if gpu else "cpu"
+    out = args.json or os.path.join(ROOT, "bench", "results", f"io-{name}-{date}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     data = iobench.run(
         args.dir,
         parse_size(args.size),
@@ -38,18 +43,21 @@ def main() -> None:
         grid="quick" if args.quick else args.grid,
         repeats=args.repeats,
         progress=lambda msg: print(msg, flush=True),
+        output_path=out,
     )
     data["machine"] = collect(args.dir, check_aio=False)
     data["git_sha"] = git_sha()
     data["command"] = " ".join([os.path.basename(sys.executable), *sys.argv])
-    data["date"] = datetime.date.today().isoformat()
-    name = torch.cuda.get_device_name(0).replace(" ", "-") if gpu else "cpu"
-    out = args.json or os.path.join(ROOT, "bench", "results", f"io-{name}-{data['date']}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    data["date"] = date
     with open(out, "w") as f:
         json.dump(data, f, indent=2)
     best = data["best_read"]
-    print(f"best read {best['gbps']:.2f} GB/s with {iobench.short_summary(best['config'])}")
+    print(iobench.plain_table(data))
+    print(
+        f"best read (median of {data['repeats']}) {best['gbps']:.2f} GB/s "
+        f"[{best['min_gbps']:.2f}-{best['max_gbps']:.2f}] with "
+        f"{iobench.short_summary(best['config'])}"
+    )
     if gpu:
         ds = [r for r in data["results"] if r["system"] == "deepspeed-gpu"]
         print(

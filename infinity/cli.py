@@ -148,15 +148,22 @@ def bench() -> None:
 @click.option("--gpu", is_flag=True, help="Also read into GPU memory.")
 @click.option("--quick", is_flag=True, help="A small sweep (2 configurations).")
 @click.option("--full", is_flag=True, help="A large sweep (120 configurations).")
-@click.option("--repeats", default=1, show_default=True, help="Timed repeats per point (median).")
 @click.option(
-    "--json",
-    "json_path",
+    "--repeats",
+    default=3,
+    show_default=True,
+    help="Timed repeats per point: the median is reported, with the slowest and fastest run.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option(
+    "-o",
+    "--output",
+    "output_path",
     type=click.Path(dir_okay=False),
     callback=_output_file,
-    help="Write results here.",
+    help="Also write the results, with the machine, as JSON to this file.",
 )
-def bench_io(directory, size_bytes, gpu, quick, full, repeats, json_path) -> None:
+def bench_io(directory, size_bytes, gpu, quick, full, repeats, as_json, output_path) -> None:
     """Sweep block size x queue depth x threads x submit mode; reads and writes, cold."""
     from rich.console import Console
     from rich.table import Table
@@ -175,33 +182,35 @@ def bench_io(directory, size_bytes, gpu, quick, full, repeats, json_path) -> Non
             grid=grid,
             repeats=repeats,
             progress=lambda msg: (console.print(msg, highlight=False), status.update(msg)),
+            output_path=output_path,
         )
-    table = Table(title=f"infinity bench io: {format_size(data['size_bytes'])}, cold, O_DIRECT")
-    for col in ("op", "into", "system", "settings", "GB/s", "x best read"):
-        table.add_column(
-            col, justify="right" if col in ("GB/s", "x best read") else "left", no_wrap=True
-        )
-    for r in data["results"]:
-        table.add_row(
-            r["op"],
-            r["target"],
-            r["system"],
-            iobench.short_summary(r["config"]),
-            f"{r['gbps']:.2f}",
-            f"{r['ratio_to_best_read']:.2f}",
-        )
-    Console().print(table)
-    click.echo("Best read settings as DeepSpeed's aio config section:")
-    click.echo(json.dumps({"aio": data["deepspeed_aio_section"]}, indent=2))
-    if "gpu_over_pinned" in data:
-        click.echo(f"GPU reads reach {data['gpu_over_pinned']:.1%} of reads into pinned memory")
-    if json_path:
+    if as_json or output_path:
         from infinity.info import collect
 
         data["machine"] = collect(directory, check_aio=False)
-        with open(json_path, "w") as f:
+    if output_path:
+        with open(output_path, "w") as f:
             json.dump(data, f, indent=2)
-        click.echo(f"wrote {json_path}")
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    elif sys.stdout.isatty():
+        title = f"infinity bench io: {format_size(data['size_bytes'])}, cold, O_DIRECT"
+        table = Table(title=title + f", median of {data['repeats']}")
+        for col in iobench.TABLE_COLUMNS:
+            right = col in ("GB/s", "min-max", "x best read")
+            table.add_column(col, justify="right" if right else "left", no_wrap=True)
+        for row in iobench.table_rows(data):
+            table.add_row(*row)
+        Console().print(table)
+    else:  # piped: plain columns, never cut to a terminal's width
+        click.echo(iobench.plain_table(data))
+    if not as_json:
+        click.echo("Best read settings (best median) as DeepSpeed's aio config section:")
+        click.echo(json.dumps({"aio": data["deepspeed_aio_section"]}, indent=2))
+        if "gpu_over_pinned" in data:
+            click.echo(f"GPU reads reach {data['gpu_over_pinned']:.1%} of reads into pinned memory")
+    if output_path:
+        click.echo(f"wrote {output_path}", err=as_json)
 
 
 def _params(ctx, param, value):

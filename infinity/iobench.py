@@ -1,5 +1,10 @@
 """`infinity bench io`: what the disk, PCIe and aio settings can do, with references measured in
-the same run (DeepSpeed's default handle, DeepSpeed's own GPU path, a plain buffered read, dd).
+the same run (DeepSpeed with its config defaults, DeepSpeed's own GPU path, a plain buffered read,
+dd).
+
+Every point is timed ``repeats`` times (3 by default): the median is reported with the spread
+(slowest and fastest run), and "best" is chosen by median, so that one lucky run does not pick
+the settings.
 
 Cold reads: each read is preceded by a page-cache drop (``drop_page_cache``:
 ``/proc/sys/vm/drop_caches`` when root, else ``posix_fadvise(DONTNEED)`` on the file); the aio
@@ -24,7 +29,7 @@ import torch
 
 from infinity.config import AioConfig, format_size
 from infinity.errors import ConfigError
-from infinity.io import AioEngine, PinnedPool, load_aio
+from infinity.io import AioEngine, PinnedPool, aio_config_defaults, load_aio
 from infinity.io.fsinfo import MEMORY_FS, FsInfo, fs_info
 from infinity.io.pinned import pinnable_bytes
 
@@ -38,20 +43,15 @@ GRIDS = {  # block sizes, queue depths, intra-op parallelism, single_submit
         [False, True],
     ),
 }
-DEEPSPEED_DEFAULT = dict(
-    block_size_bytes=1 << 20,
-    queue_depth=128,
-    intra_op_parallelism=1,
-    single_submit=False,
-    overlap_events=False,
-)
+DEFAULT_REPEATS = 3
+TABLE_COLUMNS = ("op", "into", "system", "settings", "GB/s", "min-max", "x best read")
 
 
 @dataclass
 class Result:
     op: str  # read | write
     target: str  # pinned | gpu | pageable
-    system: str  # infinity | deepspeed-default | deepspeed-gpu | buffered-read | dd-direct
+    system: str  # infinity | deepspeed-config-defaults | deepspeed-gpu | buffered-read | dd-direct
     config: dict[str, Any]
     nbytes: int
     seconds: list[float] = field(default_factory=list)
@@ -65,9 +65,14 @@ class Result:
         return self.nbytes / self.median_s / 1e9
 
     def to_dict(self, best_read_gbps: float) -> dict[str, Any]:
+        """``gbps`` is the median's; ``min_gbps``/``max_gbps`` the slowest and fastest run's."""
         out = asdict(self)
         out.update(
-            median_s=self.median_s, gbps=self.gbps, ratio_to_best_read=self.gbps / best_read_gbps
+            median_s=self.median_s,
+            gbps=self.gbps,
+            min_gbps=self.nbytes / max(self.seconds) / 1e9,
+            max_gbps=self.nbytes / min(self.seconds) / 1e9,
+            ratio_to_best_read=self.gbps / best_read_gbps,
         )
         return out
 
@@ -127,28 +132,28 @@ def _dd_direct(path: str, nbytes: int) -> None:
 
 def check_output_path(path: str) -> None:
     """ConfigError unless a file can be written at ``path``: checked before a long run, so that
-    a typo in ``--json`` does not throw away its results."""
+    a typo in the output path does not throw away its results."""
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        raise ConfigError(f"--json {path} is a directory; give the path of a file to write")
+        raise ConfigError(f"output {path} is a directory; give the path of a file to write")
     if not os.path.isdir(parent):
         raise ConfigError(
-            f"--json {path}: directory {parent} does not exist; create it or use another path"
+            f"output {path}: directory {parent} does not exist; create it or use another path"
         )
     if not os.access(path if os.path.exists(path) else parent, os.W_OK):
-        raise ConfigError(f"--json {path}: not writable by this user; use another path")
+        raise ConfigError(f"output {path}: not writable by this user; use another path")
 
 
 def _check(
-    directory: str, size_bytes: int, gpu: bool, grid: str, repeats: int, json_path: str | None
+    directory: str, size_bytes: int, gpu: bool, grid: str, repeats: int, output_path: str | None
 ) -> tuple[FsInfo, int]:
     """Every argument checked before any work: (the directory's filesystem, the transfer size)."""
     if grid not in GRIDS:
         raise ConfigError(f"unknown grid {grid!r}; use one of {sorted(GRIDS)}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ConfigError(f"--repeats must be a whole number >= 1, got {repeats!r}")
-    if json_path is not None:
-        check_output_path(json_path)
+    if output_path is not None:
+        check_output_path(output_path)
     fs = fs_info(directory)
     if fs.fs_type in MEMORY_FS or not fs.direct_io:
         raise ConfigError(
@@ -187,13 +192,13 @@ def run(
     size_bytes: int,
     gpu: bool = False,
     grid: str = "default",
-    repeats: int = 1,
+    repeats: int = DEFAULT_REPEATS,
     progress: Callable[[str], None] | None = None,
-    json_path: str | None = None,
+    output_path: str | None = None,
 ) -> dict[str, Any]:
-    """Run the sweep and the references; returns a JSON-ready dict. ``json_path``, where the
+    """Run the sweep and the references; returns a JSON-ready dict. ``output_path``, where the
     caller will write it, is checked up front (the run writes nothing there)."""
-    fs, size = _check(directory, size_bytes, gpu, grid, repeats, json_path)
+    fs, size = _check(directory, size_bytes, gpu, grid, repeats, output_path)
     blocks, depths, pars, submits = GRIDS[grid]
     note = progress or (lambda _msg: None)
     path = os.path.join(directory, f"infinity-bench-{os.getpid()}.bin")
@@ -230,7 +235,7 @@ def run(
                 if verify is not None:
                     verify()
             results.append(res)
-            note(f"{op:5} {target:8} {system:18} {short_summary(cfg):34} {res.gbps:6.2f} GB/s")
+            note(f"{op:5} {target:8} {system:25} {short_summary(cfg):34} {res.gbps:6.2f} GB/s")
             return res
 
         def check_pinned():
@@ -273,13 +278,15 @@ def run(
             buf.copy_(source)
 
         aio = load_aio()
-        ds_cfg = AioConfig(**DEEPSPEED_DEFAULT)
-        handle = aio.aio_handle(1 << 20, 128, False, False, 1)
+        # what a DeepSpeed config without an `aio` section gets (queue depth 8, one thread), not
+        # the aio handle's constructor defaults (queue depth 128), which no config reaches
+        ds_cfg = aio_config_defaults()
+        handle = _handle(aio, ds_cfg)
         measure(
             "read",
             "pinned",
-            "deepspeed-default",
-            ds_cfg.deepspeed_section(),
+            "deepspeed-config-defaults",
+            ds_cfg,
             lambda: _check_rc(handle.sync_pread(buf, path, 0)),
             check_pinned,
         )
@@ -287,8 +294,8 @@ def run(
             measure(
                 "read",
                 "gpu",
-                "deepspeed-default",
-                ds_cfg.deepspeed_section(),
+                "deepspeed-config-defaults",
+                ds_cfg,
                 lambda: _check_rc(handle.sync_pread(gpu_buf, path, 0)),
                 check_gpu,
             )
@@ -296,19 +303,12 @@ def run(
             (r for r in results if r.op == "read" and r.target == "pinned"), key=lambda r: r.gbps
         )
         if gpu:  # DeepSpeed's own GPU path (its internal bounce), with the best settings
-            b = best.config
-            ds_best = aio.aio_handle(
-                b["block_size"],
-                b["queue_depth"],
-                b["single_submit"],
-                b["overlap_events"],
-                b["intra_op_parallelism"],
-            )
+            ds_best = _handle(aio, best.config)
             measure(
                 "read",
                 "gpu",
                 "deepspeed-gpu",
-                b,
+                best.config,
                 lambda: _check_rc(ds_best.sync_pread(gpu_buf, path, 0)),
                 check_gpu,
             )
@@ -332,7 +332,19 @@ def run(
             os.unlink(path)
         pool.free(buf)
         pool.close()
+    return _summary(results, size, grid, repeats, fs, cache_drop_global, gpu)
 
+
+def _summary(
+    results: list[Result],
+    size: int,
+    grid: str,
+    repeats: int,
+    fs: FsInfo,
+    cache_drop_global: bool,
+    gpu: bool,
+) -> dict[str, Any]:
+    """The JSON-ready result of a run; every "best" is the best median."""
     raw_reads = [r for r in results if r.op == "read" and r.target == "pinned"]
     best_read = max(raw_reads, key=lambda r: r.gbps)
     writes = [r for r in results if r.op == "write"]
@@ -365,6 +377,17 @@ def run(
     return summary
 
 
+def _handle(aio: Any, section: dict[str, Any]) -> Any:
+    """DeepSpeed's aio handle for an ``aio`` config section, as DeepSpeed itself builds it."""
+    return aio.aio_handle(
+        section["block_size"],
+        section["queue_depth"],
+        section["single_submit"],
+        section["overlap_events"],
+        section["intra_op_parallelism"],
+    )
+
+
 def _check_rc(rc: int) -> None:
     if rc < 0:
         raise RuntimeError(f"DeepSpeed aio returned {rc}")
@@ -385,3 +408,34 @@ def short_summary(cfg: dict[str, Any]) -> str:
             f"p={cfg['intra_op_parallelism']} ss={int(cfg['single_submit'])}"
         )
     return " ".join(f"{k}={_compact(v) if isinstance(v, int) else v}" for k, v in cfg.items())
+
+
+def table_rows(data: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The rows under ``TABLE_COLUMNS`` for the results of ``run``: median GB/s, the slowest and
+    fastest run, and the median over the best read's median."""
+    return [
+        (
+            r["op"],
+            r["target"],
+            r["system"],
+            short_summary(r["config"]),
+            f"{r['gbps']:.2f}",
+            f"{r['min_gbps']:.2f}-{r['max_gbps']:.2f}",
+            f"{r['ratio_to_best_read']:.2f}",
+        )
+        for r in data["results"]
+    ]
+
+
+def plain_table(data: dict[str, Any]) -> str:
+    """The table as plain aligned columns, as wide as its cells (never cut, for pipes and logs)."""
+    rows = [TABLE_COLUMNS, *table_rows(data)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
+    right = {"GB/s", "min-max", "x best read"}
+    return "\n".join(
+        "  ".join(
+            cell.rjust(w) if col in right else cell.ljust(w)
+            for col, cell, w in zip(TABLE_COLUMNS, row, widths, strict=True)
+        ).rstrip()
+        for row in rows
+    )

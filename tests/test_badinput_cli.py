@@ -388,10 +388,10 @@ def test_store_commands_on_what_is_not_a_store(monkeypatch, capsys, tmp_path, co
     "args, message",
     [
         (["info", "--dir", "{fifo}"], "'--dir': '{fifo}' is a FIFO (named pipe), not a directory"),
-        (["bench", "io", "--dir", "{tmp}", "--json", "{tmp}/no/x.json"], "does not exist"),
-        (["bench", "io", "--dir", "{tmp}", "--json", "{fifo}"], "is not a regular file"),
+        (["bench", "io", "--dir", "{tmp}", "-o", "{tmp}/no/x.json"], "does not exist"),
+        (["bench", "io", "--dir", "{tmp}", "--output", "{fifo}"], "is not a regular file"),
     ],
-    ids=["info-dir-fifo", "bench-json-no-dir", "bench-json-fifo"],
+    ids=["info-dir-fifo", "bench-output-no-dir", "bench-output-fifo"],
 )
 def test_cli_paths_checked_before_running(monkeypatch, capsys, tmp_path, args, message):
     os.mkfifo(fifo := tmp_path / "fifo")

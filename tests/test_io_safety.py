@@ -156,11 +156,11 @@ def test_bench_refuses_zero_repeats(disk_dir):
     assert "--repeats must be a whole number >= 1, got 0" in _bench(disk_dir, repeats=0)
 
 
-def test_bench_checks_json_path_first(disk_dir):
+def test_bench_checks_output_path_first(disk_dir):
     missing = os.path.join(disk_dir, "no-such-dir", "out.json")
-    message = _bench(disk_dir, json_path=missing)
+    message = _bench(disk_dir, output_path=missing)
     assert "does not exist" in message and "no-such-dir" in message
-    assert "is a directory" in _bench(disk_dir, json_path=disk_dir)
+    assert "is a directory" in _bench(disk_dir, output_path=disk_dir)
 
 
 def test_bench_size_beyond_memory(disk_dir, monkeypatch):

@@ -3,7 +3,13 @@
 Other packages use the names below, never the private modules (``_transfer``, ``_deepspeed``).
 """
 
-from infinity.io._deepspeed import deepspeed_version, load_aio, load_gds, quiet_deepspeed
+from infinity.io._deepspeed import (
+    aio_config_defaults,
+    deepspeed_version,
+    load_aio,
+    load_gds,
+    quiet_deepspeed,
+)
 from infinity.io._transfer import release_blocks
 from infinity.io.aio import AioEngine, bounce_bytes
 from infinity.io.copy import copy, copy_stream
@@ -12,6 +18,7 @@ from infinity.io.pinned import PinnedPool
 __all__ = [
     "AioEngine",
     "PinnedPool",
+    "aio_config_defaults",
     "bounce_bytes",
     "copy",
     "copy_stream",

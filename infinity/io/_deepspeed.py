@@ -80,6 +80,16 @@ def quiet_deepspeed() -> None:
     ds_logging.logger.addFilter(_Quiet())
 
 
+def aio_config_defaults() -> dict[str, Any]:
+    """The ``aio`` section DeepSpeed uses when a config has none (its ``AIO_DEFAULT_DICT``:
+    queue depth 8, one thread in 0.19.8). Not the aio handle's constructor defaults (queue depth
+    128), which no DeepSpeed config reaches."""
+    quiet_deepspeed()
+    from deepspeed.runtime.swap_tensor.aio_config import AIO_DEFAULT_DICT
+
+    return dict(AIO_DEFAULT_DICT)
+
+
 _LIBAIO_HINT = (
     "install libaio's development files (Debian/Ubuntu: `apt-get install libaio-dev`; "
     "RHEL/Fedora: `dnf install libaio-devel`), or point CFLAGS/LDFLAGS (and CPATH/LIBRARY_PATH) "
