@@ -10,7 +10,6 @@ RUN_SIZE    ?= 256MiB
 PY          := $(VENV)/bin/python
 PIP         := $(PY) -m pip -q --disable-pip-version-check
 STAMPS      := .stamps
-export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 CSRC        := $(shell find csrc -name '*.cpp' -o -name '*.h') setup.py pyproject.toml
 
 .PHONY: run test test-asan build setup aio-op lint bench-tiny clean
@@ -48,9 +47,11 @@ $(STAMPS)/build: $(STAMPS)/deps $(CSRC)
 	@touch $@
 
 # DeepSpeed JIT-compiles its aio op on first use (minutes on 2 cores); do it once, up front.
+# It is kept where torch keeps the ops it compiles, as outside make: TORCH_EXTENSIONS_DIR if set,
+# else ~/.cache/torch_extensions/pyXY_BUILD. The load says when it compiles, then a line every 30 s.
 aio-op: $(STAMPS)/build
-	@$(PY) -c "import infinity.io._deepspeed as d; d.load_aio()" 2>&1 | grep -v 'Setting accelerator' ; \
-	  exit $${PIPESTATUS[0]}
+	@$(PY) -c "from infinity.io import load_aio; load_aio()" 2>&1 \
+	  | grep --line-buffered -v 'Setting accelerator' ; exit $${PIPESTATUS[0]}
 
 # The C++ core built with AddressSanitizer + UBSan (into .asan/, next to a copy of the package)
 # and its tests run against it; python itself is not instrumented, so libasan is preloaded.

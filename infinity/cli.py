@@ -60,6 +60,29 @@ def main(verbose: int, quiet: bool) -> None:
         logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
     )
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    ctx = click.get_current_context()
+    if ctx.invoked_subcommand in _LOADS_AIO and not quiet and sys.stderr.isatty():
+        from infinity.io import set_build_progress
+
+        set_build_progress(_compile_spinner)  # instead of a log line every 30 s
+
+
+# commands that may load DeepSpeed's aio op, which compiles on first use (they load torch anyway;
+# the others stay quick to start)
+_LOADS_AIO = {"info", "bench", "store", "convert", "generate"}
+
+
+def _compile_spinner(build):
+    """A spinner with the elapsed time on stderr while DeepSpeed compiles an op (after the
+    WARNING that says what and why); it goes away when the compile ends."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    text = TextColumn(f"compiling DeepSpeed's {build.name} op (once; a few minutes)")
+    columns = (SpinnerColumn(), text, TimeElapsedColumn())
+    bar = Progress(*columns, console=Console(stderr=True), transient=True)
+    bar.add_task("compile", total=None)
+    return bar
 
 
 @main.command()

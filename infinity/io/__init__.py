@@ -9,6 +9,7 @@ from infinity.io._deepspeed import (
     load_aio,
     load_gds,
     quiet_deepspeed,
+    set_build_progress,
 )
 from infinity.io._transfer import release_blocks
 from infinity.io.aio import AioEngine, bounce_bytes
@@ -27,4 +28,5 @@ __all__ = [
     "load_gds",
     "quiet_deepspeed",
     "release_blocks",
+    "set_build_progress",
 ]

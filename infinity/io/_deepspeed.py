@@ -1,4 +1,11 @@
-"""Loading DeepSpeed's async I/O op (and the GDS op). The only place that imports DeepSpeed."""
+"""Loading DeepSpeed's async I/O op (and the GDS op). The only place that imports DeepSpeed.
+
+DeepSpeed compiles its ops on first use (``torch.utils.cpp_extension``: minutes on a few cores)
+into torch's extension cache, ``TORCH_EXTENSIONS_DIR`` or else ~/.cache/torch_extensions/
+pyXY_BUILD (``extensions_root``), then loads them from there in a second. A load that will
+compile says so first (one WARNING: what, why, where) and shows that it is going on
+(``set_build_progress``; a log line every 30 s by default).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,10 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from infinity.errors import AioUnavailableError
@@ -97,9 +107,152 @@ _LIBAIO_HINT = (
 )
 
 
+@dataclass(frozen=True)
+class OpBuild:
+    """What loading a DeepSpeed op will do: compile it first (``needed``, with the ``reason``) or
+    load the build cached in ``build_dir``."""
+
+    name: str
+    build_dir: str
+    needed: bool
+    reason: str = ""
+
+    def notice(self) -> str:
+        """The one line that says what compiles, why, for how long and where it is kept."""
+        return (
+            f"compiling DeepSpeed's {self.name} op, {_PURPOSE.get(self.name, 'used by infinity')}"
+            f": {self.reason}. This takes minutes (4 to 9 on 2 cores), once: later runs load "
+            "the build from there (TORCH_EXTENSIONS_DIR moves it)"
+        )
+
+
+_PURPOSE = {
+    "async_io": "which infinity's disk reads and writes run on",
+    "gds": "GPUDirect Storage (infinity info checks whether it loads)",
+}
+
+
+def extensions_root() -> str:
+    """Where torch keeps the ops it compiles: ``TORCH_EXTENSIONS_DIR`` as given, else its per-user
+    cache with a folder per Python and CUDA/ROCm/CPU build (``~/.cache/torch_extensions/
+    py311_cu128``). torch's own ``_get_build_directory`` is private and creates the folder;
+    tests/test_aio_build.py checks that the two agree."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is not None:
+        return root
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if torch.version.hip is not None:
+        build = f"rocm{torch.version.hip.replace('.', '')}"
+    elif torch.version.cuda is not None:
+        build = f"cu{torch.version.cuda.replace('.', '')}"
+    else:
+        build = "cpu"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return os.path.join(get_default_build_root(), f"{python}_{build}")
+
+
+def build_state(builder: Any) -> OpBuild:
+    """Whether ``builder.load()`` compiles (minutes) or loads a cached build (a second). A
+    prediction from the files torch's JIT build leaves (ninja decides in the end): no compile
+    for an op DeepSpeed was installed with (DS_BUILD_AIO=1) or one with no sources (DeepSpeed's
+    stand-in for an op the accelerator lacks), none when ``NAME.so`` is in the build folder, its
+    build.ninja names this DeepSpeed's sources and none of them is newer."""
+    from deepspeed.git_version_info import installed_ops
+
+    name = builder.name
+    build_dir = os.path.join(extensions_root(), name)
+    sources = [os.path.abspath(builder.deepspeed_src_path(p)) for p in builder.sources()]
+    if installed_ops.get(name, False) or not sources:  # not sources: an op this accelerator lacks
+        return OpBuild(name, build_dir, False)
+    library = os.path.join(build_dir, f"{name}.so")
+    if not os.path.exists(library):
+        return OpBuild(name, build_dir, True, f"no build of it in {build_dir} yet")
+    try:
+        with open(os.path.join(build_dir, "build.ninja")) as f:
+            recipe = f.read()
+    except OSError:
+        recipe = ""
+    if not all(src in recipe for src in sources):
+        why = f"the build in {build_dir} is another DeepSpeed install's"
+        return OpBuild(name, build_dir, True, why)
+    built = os.path.getmtime(library)
+    if any(os.path.getmtime(src) > built for src in sources if os.path.exists(src)):
+        why = f"DeepSpeed's sources are newer than the build in {build_dir}"
+        return OpBuild(name, build_dir, True, why)
+    return OpBuild(name, build_dir, False)
+
+
+BuildProgress = Callable[[OpBuild], contextlib.AbstractContextManager[Any]]
+HEARTBEAT_S = 30.0  # a compile with no terminal to draw on: a log line this often
+
+
+@contextlib.contextmanager
+def _log_progress(build: OpBuild) -> Iterator[None]:
+    """A line every HEARTBEAT_S seconds while the compile runs (logs have no spinner)."""
+    done, start = threading.Event(), time.monotonic()
+
+    def beat() -> None:
+        while not done.wait(HEARTBEAT_S):
+            elapsed = int(time.monotonic() - start)
+            minutes, seconds = divmod(elapsed, 60)
+            log.warning("still compiling DeepSpeed's %s op: %d:%02d", build.name, minutes, seconds)
+
+    thread = threading.Thread(target=beat, name=f"compiling-{build.name}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+_progress: BuildProgress = _log_progress
+
+
+def set_build_progress(show: BuildProgress | None) -> None:
+    """How a compile shows that it is going on: ``show(build)`` is entered for the compile's
+    duration (the CLI draws a spinner with the elapsed time on a terminal). None: the library's
+    own, a log line every HEARTBEAT_S seconds. The WARNING that says what compiles, and why,
+    comes first either way."""
+    global _progress
+    _progress = show or _log_progress
+
+
+def _load_op(builder: Any) -> Any:
+    """``builder.load()``, said when it compiles: one WARNING (what, why, where it is kept),
+    then the progress shown for the compile's duration."""
+    build = build_state(builder)
+    if not build.needed:
+        return builder.load(verbose=False)
+    log.warning(build.notice())
+    start = time.monotonic()
+    with _progress(build):
+        op = builder.load(verbose=False)
+    log.info("compiled DeepSpeed's %s op in %.0f s", build.name, time.monotonic() - start)
+    return op
+
+
+@contextlib.contextmanager
+def _stderr_with_a_descriptor() -> Iterator[None]:
+    """DeepSpeed's libaio probe (``is_compatible``) silences the compiler by redirecting
+    ``sys.stderr.fileno()``; a replaced sys.stderr without one (pytest's capsys, some notebooks)
+    made it report libaio missing. Such a stderr is swapped for the process's own meanwhile."""
+    try:
+        sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        with contextlib.redirect_stderr(sys.__stderr__):
+            yield
+        return
+    yield
+
+
 @functools.cache
 def load_aio() -> Any:
-    """DeepSpeed's compiled ``async_io`` module (JIT-built on first use, then cached on disk)."""
+    """DeepSpeed's compiled ``async_io`` module. On first use it is compiled (minutes; said on
+    stderr, with progress) into torch's extension cache (``extensions_root()``), then loaded
+    from there."""
     try:
         quiet_deepspeed()
         from deepspeed.ops.op_builder import AsyncIOBuilder
@@ -110,17 +263,19 @@ def load_aio() -> Any:
         ) from exc
     builder = AsyncIOBuilder()
     with _buildable_arch_list():
-        if not builder.is_compatible(verbose=False):
+        with _stderr_with_a_descriptor():
+            compatible = builder.is_compatible(verbose=False)
+        if not compatible:
             raise AioUnavailableError(
                 f"DeepSpeed's async_io op cannot be built: libaio was not found. {_LIBAIO_HINT}"
             )
         try:
-            return builder.load(verbose=False)
+            return _load_op(builder)
         except Exception as exc:  # a compiler error, a missing ninja, ...
             raise AioUnavailableError(
                 f"DeepSpeed's async_io op failed to build or load: {exc}. {_LIBAIO_HINT}; "
-                "a build cache in TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) "
-                "left by another torch version can be deleted"
+                f"a build cache in {extensions_root()} (TORCH_EXTENSIONS_DIR) left by another "
+                "torch version can be deleted"
             ) from exc
 
 
@@ -133,10 +288,12 @@ def load_gds() -> Any | None:
 
         builder = GDSBuilder()
         with _buildable_arch_list():
-            if not builder.is_compatible(verbose=False):
+            with _stderr_with_a_descriptor():
+                compatible = builder.is_compatible(verbose=False)
+            if not compatible:
                 log.info("GDS op is not compatible here (needs CUDA and libcufile)")
                 return None
-            return builder.load(verbose=False)
+            return _load_op(builder)
     except Exception as exc:
         log.info("GDS op unavailable: %s", exc)
         return None
