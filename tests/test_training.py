@@ -49,16 +49,18 @@ def groups(model, lr=1e-2):
 
 
 class MasterAdamW:
-    """The reference for half models: fp32 masters updated by torch's AdamW, cast back."""
+    """The reference for half models (on the CPU or the GPU): fp32 masters on the CPU updated by
+    torch's fused AdamW, cast back."""
 
     def __init__(self, model, **kw):
         self.model = model
-        self.masters = [p.detach().float().clone().requires_grad_() for p in model.parameters()]
+        self.masters = [p.detach().to("cpu", torch.float32, copy=True).requires_grad_()
+                        for p in model.parameters()]  # fmt: skip
         self.opt = torch.optim.AdamW(self.masters, fused=True, **kw)
 
     def step(self):
         for m, p in zip(self.masters, self.model.parameters(), strict=True):
-            m.grad = None if p.grad is None else p.grad.float()
+            m.grad = None if p.grad is None else p.grad.to("cpu", torch.float32)
         self.opt.step()
         with torch.no_grad():
             for m, p in zip(self.masters, self.model.parameters(), strict=True):

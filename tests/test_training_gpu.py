@@ -4,26 +4,9 @@ bit for bit the same as torch's AdamW on fp32 CPU masters of the same GPU model.
 
 import pytest
 import torch
-from test_training import batches, make_model, new_opt
+from test_training import MasterAdamW, batches, make_model, new_opt
 
 pytestmark = pytest.mark.gpu
-
-
-class CpuMasters:
-    """The reference: fp32 masters on the CPU, torch's fused AdamW, cast back."""
-
-    def __init__(self, model, **kw):
-        self.model = model
-        self.masters = [p.detach().float().cpu().requires_grad_() for p in model.parameters()]
-        self.opt = torch.optim.AdamW(self.masters, fused=True, **kw)
-
-    def step(self):
-        for m, p in zip(self.masters, self.model.parameters(), strict=True):
-            m.grad = p.grad.to(device="cpu", dtype=torch.float32)
-        self.opt.step()
-        with torch.no_grad():
-            for m, p in zip(self.masters, self.model.parameters(), strict=True):
-                p.copy_(m)
 
 
 def loss_of(model, batch):
@@ -38,7 +21,7 @@ def test_gpu_model_equals_torch_adamw_on_cpu_masters(disk_dir, pinned_bytes):
     kw = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05)
     opt = new_opt(model.parameters(), disk_dir, tile_bytes="16KiB", max_grad_norm=0.5,
                   pinned_bytes=pinned_bytes, **kw)  # fmt: skip
-    ref = CpuMasters(ref_model, **kw)
+    ref = MasterAdamW(ref_model, **kw)
     data = batches(6, torch.bfloat16)
     losses = []
     for batch in data:
